@@ -1,0 +1,390 @@
+"""Typed parameters: params.yaml (embedded default) and params/*.yaml (other profiles).
+
+Every knob of every stage is a field of a dataclass below. `load_params` validates a
+profile into `Params`: an unknown key, a wrong type or an impossible value raises
+`ConfigError` naming the key (for example `ppo.clip_range`), before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or section that does not validate; the message names the key."""
+
+
+def _check(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    """Field metadata for a numeric range: [lo, hi], or (lo, hi] with lo_open."""
+    return {"range": (lo, hi, lo_open)}
+
+
+def positive() -> dict:
+    return _check(0, None, lo_open=True)
+
+
+def non_negative() -> dict:
+    return _check(0, None)
+
+
+def unit() -> dict:
+    return _check(0, 1)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class WorldConfig:
+    """The synthetic video world that writes data/ for the embedded default."""
+
+    seed: int = 0
+    num_sft_videos: int = field(default=600, metadata=positive())
+    num_rl_videos: int = field(default=200, metadata=positive())
+    num_eval_videos: int = field(default=100, metadata=positive())
+    num_frames: int = field(default=16, metadata=_check(4, None))
+    frame_size: int = field(default=64, metadata=_check(16, None))
+    max_objects: int = field(default=3, metadata=_check(1, 3))
+    difficulty: float = field(default=0.5, metadata=unit())
+    judge_examples_per_video: int = field(default=2, metadata=non_negative())
+
+
+@dataclass
+class CurriculumConfig:
+    """Easy/hard split by answer length (words): a fixed threshold, or a quantile."""
+
+    threshold_words: int | None = field(default=None, metadata=positive())
+    quantile: float | None = field(default=0.5, metadata=_check(0, 1, lo_open=True))
+
+    def validate(self, key: str) -> None:
+        if (self.threshold_words is None) == (self.quantile is None):
+            raise ConfigError(f"{key}: set exactly one of threshold_words and quantile")
+
+
+@dataclass
+class DataConfig:
+    """Where the raw data lives (release layout, PAPER.md) and how records are read."""
+
+    root: str = "data"
+    video_root: str = "data/videos"
+    sft_files: list[str] = field(default_factory=lambda: ["SFT_short.json", "SFT_long.json"])
+    caption_file: str | None = "SFT_captions.json"
+    judge_file: str | None = "SFT_judge.json"
+    policy_init_file: str | None = None
+    rl_file: str = "RL_data.json"
+    preference_file: str | None = None
+    zeroshot_qa_files: dict[str, str] = field(default_factory=lambda: {"synthetic": "eval/zeroshot_qa.json"})
+    generic_qa_file: str | None = "eval/generic_qa.json"
+    temporal_qa_file: str | None = "eval/temporal_qa.json"
+    consistency_qa_file: str | None = "eval/consistency_qa.json"
+    eval_video_root: str = "data/videos/synthetic_16frames"
+    scenes_file: str | None = "scenes.json"
+    num_frames: int = field(default=8, metadata=positive())
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    on_bad_record: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class TinyModelConfig:
+    """Dimensions of the tiny LLaVA-NeXT-Video the embedded default builds from scratch."""
+
+    image_size: int = field(default=64, metadata=positive())
+    patch_size: int = field(default=8, metadata=positive())
+    vision_hidden_size: int = field(default=64, metadata=positive())
+    vision_layers: int = field(default=2, metadata=positive())
+    vision_heads: int = field(default=4, metadata=positive())
+    text_hidden_size: int = field(default=128, metadata=positive())
+    text_layers: int = field(default=4, metadata=positive())
+    text_heads: int = field(default=4, metadata=positive())
+    intermediate_size: int = field(default=256, metadata=positive())
+    vocab_size: int = field(default=1024, metadata=_check(300, None))
+    max_position_embeddings: int = field(default=1024, metadata=positive())
+    spatial_pool_stride: int = field(default=2, metadata=positive())
+
+    def validate(self, key: str) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{key}.image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for hidden, heads in (("vision_hidden_size", "vision_heads"), ("text_hidden_size", "text_heads")):
+            if getattr(self, hidden) % getattr(self, heads):
+                raise ConfigError(f"{key}.{hidden}: not divisible by {heads}")
+
+
+@dataclass
+class BaseConfig:
+    """The starting VLM: 'tiny' builds one from `tiny`; anything else is a hub id or a path."""
+
+    family: Literal["llava_next_video", "qwen2_5_vl"] = "llava_next_video"
+    model: str = "tiny"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=32, metadata=positive())
+    alpha: int = field(default=32, metadata=positive())
+    dropout: float = field(default=0.0, metadata=_check(0, 1))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class SFTConfig:
+    """Curriculum SFT: the easy split, then the hard split, `epochs` each."""
+
+    curriculum: bool = True
+    epochs: float = field(default=1.0, metadata=positive())
+    learning_rate: float = field(default=1e-4, metadata=positive())
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_ratio: float = field(default=0.03, metadata=_check(0, 1))
+    batch_size: int = field(default=8, metadata=positive())
+    grad_accum: int = field(default=1, metadata=positive())
+    max_length: int = field(default=2048, metadata=positive())
+    lora: LoraConfig | None = None
+    caption_share: float = field(default=0.0, metadata=unit())
+    judge_share: float = field(default=0.0, metadata=unit())
+    gradient_checkpointing: bool = False
+    save_steps: int = field(default=100, metadata=positive())
+    num_processes: int = field(default=1, metadata=positive())
+
+
+@dataclass
+class PreferencesConfig:
+    """Context-aware AI feedback: two samples, clip captions, the SFT model as judge."""
+
+    num_prompts: int | None = field(default=None, metadata=positive())
+    temperature: float = field(default=1.0, metadata=positive())
+    top_p: float = field(default=1.0, metadata=_check(0, 1, lo_open=True))
+    max_new_tokens: int = field(default=512, metadata=positive())
+    use_context: bool = True
+    num_clips: int = field(default=3, metadata=positive())
+    max_clip_frames: int = field(default=20, metadata=positive())
+    caption_max_new_tokens: int = field(default=256, metadata=positive())
+    min_margin: float = field(default=0.0, metadata=_check(0, 1))
+    max_resample: int = field(default=2, metadata=non_negative())
+    batch_size: int = field(default=8, metadata=positive())
+    shard_size: int = field(default=256, metadata=positive())
+
+
+@dataclass
+class RewardModelConfig:
+    """Bradley-Terry reward model: a scalar head on the last token, LoRA on a frozen base."""
+
+    base: str | None = None
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=64, alpha=16, dropout=0.0))
+    learning_rate: float = field(default=2e-5, metadata=positive())
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_ratio: float = field(default=0.03, metadata=_check(0, 1))
+    epochs: float = field(default=1.0, metadata=positive())
+    batch_size: int = field(default=2, metadata=positive())
+    grad_accum: int = field(default=1, metadata=positive())
+    heldout: float = field(default=500, metadata=positive())
+    centering_coef: float = field(default=1e-3, metadata=non_negative())
+    max_length: int = field(default=2048, metadata=positive())
+    context_in_instruction: bool = False
+    save_steps: int = field(default=100, metadata=positive())
+    num_processes: int = field(default=1, metadata=positive())
+
+
+@dataclass
+class PPOConfig:
+    """PPO against the reward model with a KL penalty to the SFT reference (PAPER.md)."""
+
+    policy_init: bool = False
+    policy_lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=64, alpha=16, dropout=0.0))
+    learning_rate: float = field(default=3e-5, metadata=positive())
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = field(default=5, metadata=non_negative())
+    num_prompts: int | None = field(default=None, metadata=positive())
+    rollout_batch_size: int = field(default=256, metadata=positive())
+    step_batch_size: int = field(default=128, metadata=positive())
+    ppo_epochs: int = field(default=2, metadata=positive())
+    clip_range: float = field(default=0.2, metadata=positive())
+    value_clip: float = field(default=0.2, metadata=positive())
+    vf_coef: float = field(default=0.1, metadata=non_negative())
+    gamma: float = field(default=1.0, metadata=unit())
+    lam: float = field(default=1.0, metadata=unit())
+    max_grad_norm: float = field(default=1.0, metadata=positive())
+    kl_coef: float = field(default=0.1, metadata=non_negative())
+    kl_estimator: Literal["k1_clamped", "k1", "k3"] = "k1_clamped"
+    adaptive_kl: bool = False
+    target_kl: float = field(default=6.0, metadata=positive())
+    temperature: float = field(default=1.0, metadata=positive())
+    top_p: float = field(default=1.0, metadata=_check(0, 1, lo_open=True))
+    query_length: int = field(default=128, metadata=positive())
+    max_new_tokens: int = field(default=896, metadata=positive())
+    length_penalty: float = field(default=10.0, metadata=non_negative())
+    missing_eos_penalty: float = field(default=8.0, metadata=non_negative())
+    reward_scale: float = field(default=10.0, metadata=positive())
+    whiten_rewards: bool = False
+    save_steps: int = field(default=10, metadata=positive())
+    num_processes: int = field(default=1, metadata=positive())
+
+    def validate(self, key: str) -> None:
+        if self.rollout_batch_size % self.step_batch_size:
+            raise ConfigError(f"{key}.step_batch_size: must divide rollout_batch_size ({self.rollout_batch_size})")
+
+
+@dataclass
+class JudgeConfig:
+    """Who scores free-text answers: the synthetic world's oracle or an OpenAI-compatible LLM."""
+
+    kind: Literal["oracle", "openai"] = "oracle"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
+class EvaluateConfig:
+    temperature: float = field(default=0.2, metadata=non_negative())
+    max_new_tokens: int = field(default=512, metadata=positive())
+    num_samples: int | None = field(default=None, metadata=positive())
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
+class Params:
+    """One profile: every section every stage reads."""
+
+    seed: int = 0
+    world: WorldConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {[_type_name(a) for a in inner]}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {_convert(k, args[0], key): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _check_range(value: Any, meta: Mapping, key: str) -> None:
+    if value is None or "range" not in meta:
+        return
+    lo, hi, lo_open = meta["range"]
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} must be <= {hi}")
+
+
+def from_dict(cls: type, data: Any, key: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, validating every key; `key` prefixes messages."""
+    where = key or "params"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{key}.{unknown[0]}" if key else str(unknown[0])
+        raise ConfigError(f"{name}: unknown key (known keys here: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{key}.{name}" if key else name
+        kwargs[name] = _convert(value, hints[name], sub)
+        _check_range(kwargs[name], fields[name].metadata, sub)
+    obj = cls(**kwargs)
+    for name, f in fields.items():
+        if name not in data:
+            _check_range(getattr(obj, name), f.metadata, f"{key}.{name}" if key else name)
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate a profile; `overrides` replaces whole sections (None entries ignored).
+
+    Notebooks pass the sections papermill injected (`-f params.yaml`) as overrides, so a
+    notebook run by hand and one run by DVC validate the same way.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+    try:
+        return from_dict(Params, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
