@@ -45,7 +45,7 @@ def unit() -> dict:
 class WorldConfig:
     """The synthetic video world that writes data/ for the embedded default."""
 
-    seed: int = 0
+    seed: int = field(default=0, metadata=non_negative())
     num_sft_videos: int = field(default=600, metadata=positive())
     num_rl_videos: int = field(default=200, metadata=positive())
     num_eval_videos: int = field(default=100, metadata=positive())
@@ -54,6 +54,12 @@ class WorldConfig:
     max_objects: int = field(default=3, metadata=_check(1, 3))
     difficulty: float = field(default=0.5, metadata=unit())
     judge_examples_per_video: int = field(default=2, metadata=non_negative())
+    questions_per_video: int = field(default=4, metadata=positive())
+    num_clips: int = field(default=3, metadata=positive())
+
+    def validate(self, key: str) -> None:
+        if self.num_clips > self.num_frames:
+            raise ConfigError(f"{key}.num_clips: {self.num_clips} clips do not fit in num_frames {self.num_frames}")
 
 
 @dataclass
@@ -106,11 +112,12 @@ class TinyModelConfig:
     intermediate_size: int = field(default=256, metadata=positive())
     vocab_size: int = field(default=1024, metadata=_check(300, None))
     max_position_embeddings: int = field(default=1024, metadata=positive())
-    spatial_pool_stride: int = field(default=2, metadata=positive())
 
     def validate(self, key: str) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(f"{key}.image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if (self.image_size // self.patch_size) % 2:
+            raise ConfigError(f"{key}.image_size: image_size / patch_size must be even for the 2x2 spatial pooling")
         for hidden, heads in (("vision_hidden_size", "vision_heads"), ("text_hidden_size", "text_heads")):
             if getattr(self, hidden) % getattr(self, heads):
                 raise ConfigError(f"{key}.{hidden}: not divisible by {heads}")
@@ -126,6 +133,10 @@ class BaseConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     load_in_4bit: bool = False
     trust_remote_code: bool = False
+
+    def validate(self, key: str) -> None:
+        if self.model == "tiny" and self.family != "llava_next_video":
+            raise ConfigError(f"{key}.family: the tiny base is a llava_next_video model, got {self.family!r}")
 
 
 @dataclass

@@ -1,0 +1,39 @@
+"""Figures the stage notebooks show: frame strips and distributions.
+
+Plain matplotlib on a given Axes, so notebooks compose them and stage.save_figure writes them.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Sequence
+
+import numpy as np
+
+
+def frame_strip(ax, frames: np.ndarray, title: str | None = None, caption: str | None = None) -> None:
+    """Frames [T, H, W, 3] side by side with a 1-px gap, a title above and a caption below."""
+    t, h, w, _ = frames.shape
+    strip = np.full((h, t * (w + 1) - 1, 3), 255, dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        strip[:, i * (w + 1) : i * (w + 1) + w] = frame
+    ax.imshow(strip, interpolation="nearest")
+    ax.set_xticks([(i + 0.5) * (w + 1) for i in range(t)], [str(i) for i in range(t)], fontsize=6)
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8, loc="left")
+    if caption:
+        ax.set_xlabel(textwrap.fill(caption, 160), fontsize=7, loc="left")
+
+
+def length_histogram(ax, easy: Sequence[int], hard: Sequence[int], threshold: float) -> None:
+    """Answer lengths of the two curriculum splits, with the threshold that separates them."""
+    top = max([*easy, *hard, 1])
+    bins = np.arange(0, top + 2) - 0.5 if top <= 120 else 60
+    ax.hist(easy, bins=bins, alpha=0.7, label=f"easy ({len(easy)})", color="tab:blue")
+    ax.hist(hard, bins=bins, alpha=0.7, label=f"hard ({len(hard)})", color="tab:orange")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold = {threshold:g} words")
+    ax.set_xlabel("answer length (words)")
+    ax.set_ylabel("SFT records")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)

@@ -1,0 +1,160 @@
+"""The `prepare` stage: validate the raw data once and lay out every later stage's inputs.
+
+Reads data/ (the release layout, PAPER.md), checks every record and that its video is
+there, splits the SFT conversations into the curriculum's easy and hard halves by answer
+length, and writes the validated sets under artifacts/prepare/. Later stages read only
+those files, so a malformed record stops the pipeline here, named, before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vlm_rlaif import data as records
+from vlm_rlaif import io
+from vlm_rlaif.config import ConfigError, Params
+from vlm_rlaif.video import VideoError, resolve_video
+
+OUT = Path("artifacts/prepare")
+
+
+@dataclass
+class Prepared:
+    """What the stage wrote, and what a reader of the notebook wants to see about it."""
+
+    counts: dict[str, int]
+    threshold_words: int
+    easy_lengths: list[int]
+    hard_lengths: list[int]
+    skipped: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict:
+        return {
+            "records": self.counts,
+            "curriculum": {
+                "threshold_words": self.threshold_words,
+                "easy": len(self.easy_lengths),
+                "hard": len(self.hard_lengths),
+                "easy_mean_words": round(float(np.mean(self.easy_lengths)), 2) if self.easy_lengths else 0.0,
+                "hard_mean_words": round(float(np.mean(self.hard_lengths)), 2) if self.hard_lengths else 0.0,
+            },
+            "skipped_records": len(self.skipped),
+        }
+
+
+def check_world(params: Params) -> None:
+    """data/ must come from the world that params.yaml describes, else the lock would lie."""
+    if params.world is None:
+        return
+    path = Path(params.data.root) / "world.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; params.yaml has a `world` section but data/ was not written by it (run `make data`)")
+    written = io.read_json(path).get("config")
+    expected = dataclasses.asdict(params.world)
+    if written != expected:
+        diff = sorted(k for k in expected if (written or {}).get(k) != expected[k])
+        raise ConfigError(
+            f"{path}: data/ was generated with other world settings than params.yaml ({', '.join(f'world.{k}' for k in diff)}); "
+            "run `make data` to regenerate it, or restore params.yaml"
+        )
+
+
+class _Reader:
+    """Reads record files under one data root, applying the bad-record policy and media checks."""
+
+    def __init__(self, params: Params):
+        self.root = Path(params.data.root)
+        self.video_root = Path(params.data.video_root)
+        self.eval_video_root = Path(params.data.eval_video_root)
+        self.policy = params.data.on_bad_record
+        self.skipped: list[str] = []
+
+    def _bad(self, message: str) -> None:
+        if self.policy == "stop":
+            raise records.RecordError(message)
+        self.skipped.append(message)
+
+    def dialogues(self, name: str, read: Callable) -> list:
+        """Records whose frames (or video) all exist under the video root."""
+        path = self.root / name
+        result = read(path, on_bad_record=self.policy)
+        self.skipped.extend(message for _, message in result.skipped)
+        kept = []
+        for index, record in enumerate(result.records):
+            media = record.media(self.video_root)
+            missing = [p for p in (media if isinstance(media, list) else [media]) if not p.exists()]
+            if missing:
+                self._bad(f"{path}, record {index}: video not found: {missing[0]}" + (f" (and {len(missing) - 1} more frames)" if len(missing) > 1 else ""))
+            else:
+                kept.append(record)
+        return kept
+
+    def questions(self, name: str, read: Callable) -> list:
+        """Benchmark questions whose `video_name` resolves under the evaluation video root."""
+        path = self.root / name
+        result = read(path, on_bad_record=self.policy)
+        self.skipped.extend(message for _, message in result.skipped)
+        kept = []
+        for index, question in enumerate(result.records):
+            try:
+                resolve_video(self.eval_video_root, question.video_name)
+            except (VideoError, ValueError) as e:
+                self._bad(f"{path}, record {index}: {e}")
+            else:
+                kept.append(question)
+        return kept
+
+
+def run(params: Params, out: Path = OUT) -> Prepared:
+    """Validate data/ and write the stage inputs under `out` (see module docstring)."""
+    check_world(params)
+    cfg = params.data
+    reader = _Reader(params)
+    counts: dict[str, int] = {}
+
+    def write(name: str, rows: list) -> None:
+        records.write_records(out / name, rows)
+        counts[name.removesuffix(".json")] = len(rows)
+
+    sft = [r for name in cfg.sft_files for r in reader.dialogues(name, records.read_sft)]
+    if not sft:
+        raise records.RecordError(f"{', '.join(cfg.sft_files)}: no SFT records to train on")
+    easy, hard, threshold = records.curriculum_split(sft, cfg.curriculum.threshold_words, cfg.curriculum.quantile)
+    write("sft_easy.json", easy)
+    write("sft_hard.json", hard)
+    optional_sft = {"sft_captions.json": cfg.caption_file, "sft_judge.json": cfg.judge_file, "policy_init.json": cfg.policy_init_file}
+    for name, source in optional_sft.items():
+        if source:
+            write(name, reader.dialogues(source, records.read_sft))
+    write("rl_prompts.json", reader.dialogues(cfg.rl_file, records.read_rl_prompts))
+    if cfg.preference_file:
+        write("preferences.json", reader.dialogues(cfg.preference_file, records.read_preferences))
+
+    for benchmark, source in cfg.zeroshot_qa_files.items():
+        write(f"eval/zeroshot_{benchmark}.json", reader.questions(source, records.read_zeroshot_qa))
+    benchmark_files = {
+        "eval/generic_qa.json": (cfg.generic_qa_file, records.read_generic_qa),
+        "eval/temporal_qa.json": (cfg.temporal_qa_file, records.read_generic_qa),
+        "eval/consistency_qa.json": (cfg.consistency_qa_file, records.read_consistency_qa),
+    }
+    for name, (source, read) in benchmark_files.items():
+        if source:
+            write(name, reader.questions(source, read))
+
+    if cfg.scenes_file:
+        io.write_json(out / "scenes.json", io.read_json(Path(cfg.root) / cfg.scenes_file), indent=None)
+    io.write_json(out / "skipped.json", reader.skipped)
+    prepared = Prepared(
+        counts=counts,
+        threshold_words=threshold,
+        easy_lengths=[records.answer_words(r) for r in easy],
+        hard_lengths=[records.answer_words(r) for r in hard],
+        skipped=reader.skipped,
+    )
+    io.write_json(out / "manifest.json", {"video_root": cfg.video_root, "eval_video_root": cfg.eval_video_root, **prepared.metrics()})
+    return prepared

@@ -1,0 +1,175 @@
+"""The embedded default's base VLM: a tiny but real LLaVA-NeXT-Video, built offline.
+
+Nothing here is downloaded. A byte-level BPE tokenizer is trained on the synthetic world's
+texts, a small CLIP vision tower and a small Llama are initialised from a seed, and the
+result is saved with `save_pretrained`, so every later stage loads it by path exactly like
+`llava-hf/LLaVA-NeXT-Video-7B-hf` (see `vlm_rlaif.modeling.load_model_and_processor`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextImageProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaNextVideoVideoProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from vlm_rlaif.config import TinyModelConfig
+from vlm_rlaif.io import atomic_dir
+
+BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE_TOKEN, VIDEO_TOKEN]
+# LLaVA-NeXT-Video pools each frame 2x2; its processor always counts patches // 4 tokens a frame.
+SPATIAL_POOL_STRIDE = 2
+
+# Vicuna v1 layout: "<s>USER: <video>\n{question} ASSISTANT: {answer}</s>USER: ...".
+# The answer and its "</s>" belong to the assistant (the model learns to stop); the
+# {% generation %} markers let `apply_chat_template(return_assistant_tokens_mask=True)` see that too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}"
+    "{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}"
+    "{% set parts = message['content'] %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ 'ASSISTANT:' }}{% generation %}"
+    "{% for part in parts if part['type'] == 'text' %}{{ ' ' + part['text'] }}{% endfor %}"
+    "{{ eos_token }}{% endgeneration %}"
+    "{% else %}"
+    "{{ 'USER: ' if message['role'] == 'user' else '' }}"
+    "{% for part in parts %}"
+    "{% if part['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{{ ' ' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """Byte-level BPE: every byte is in the base alphabet, so any text encodes and decodes back."""
+    texts = [t for t in corpus if t]
+    if not texts:
+        raise ValueError("tokenizer corpus is empty: pass the world's texts and prompt files")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special_tokens):
+        raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet + specials ({len(alphabet) + len(special_tokens)})")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def build_processor(cfg: TinyModelConfig, corpus: Iterable[str]) -> LlavaNextVideoProcessor:
+    """Tokenizer + video/image processors sized so `<video>` expands to the model's token count."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(corpus, cfg.vocab_size, SPECIAL_TOKENS),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN},
+        clean_up_tokenization_spaces=False,
+        model_max_length=cfg.max_position_embeddings,
+    )
+    square = {"height": cfg.image_size, "width": cfg.image_size}
+    clip = dict(image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    video_processor = LlavaNextVideoVideoProcessor(
+        size={"shortest_edge": cfg.image_size}, crop_size=square, do_sample_frames=False, **clip
+    )
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": cfg.image_size},
+        crop_size=square,
+        image_grid_pinpoints=[[cfg.image_size, cfg.image_size]],
+        **clip,
+    )
+    return LlavaNextVideoProcessor(
+        video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped again by the "default" strategy
+    )
+
+
+def build_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfig:
+    """LLaVA-NeXT-Video wiring at toy width: CLIP features from layer -2, CLS dropped, 2x2 pooling."""
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=4 * cfg.vision_hidden_size,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    return LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=SPATIAL_POOL_STRIDE,
+        image_grid_pinpoints=[[cfg.image_size, cfg.image_size]],
+        image_seq_length=patches,
+        video_seq_length=patches // SPATIAL_POOL_STRIDE**2,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int) -> Path:
+    """Train the tokenizer, initialise the model from `seed`, save both into `out_dir`.
+
+    The folder appears complete or not at all: everything is written to a temp folder
+    beside it and renamed at the end, so a killed build never looks like a model.
+    """
+    out_dir = Path(out_dir)
+    processor = build_processor(cfg, corpus)
+    config = build_config(cfg, processor.tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaNextVideoForConditionalGeneration(config)
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out_dir
