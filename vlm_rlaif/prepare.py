@@ -18,7 +18,7 @@ import numpy as np
 from vlm_rlaif import data as records
 from vlm_rlaif import io
 from vlm_rlaif.config import ConfigError, Params
-from vlm_rlaif.video import VideoError, resolve_video
+from vlm_rlaif.video import resolve_video
 
 OUT = Path("artifacts/prepare")
 
@@ -79,35 +79,46 @@ class _Reader:
             raise records.RecordError(message)
         self.skipped.append(message)
 
-    def dialogues(self, name: str, read: Callable) -> list:
-        """Records whose frames (or video) all exist under the video root."""
+    def _read(self, name: str, read: Callable, check: Callable[[object], str | None]) -> list:
+        """Well-formed records of `name` that also pass `check` (None, or what is wrong)."""
         path = self.root / name
         result = read(path, on_bad_record=self.policy)
         self.skipped.extend(message for _, message in result.skipped)
+        dropped = {index for index, _ in result.skipped}
+        indices = (i for i in range(len(result.records) + len(dropped)) if i not in dropped)
         kept = []
-        for index, record in enumerate(result.records):
-            media = record.media(self.video_root)
-            missing = [p for p in (media if isinstance(media, list) else [media]) if not p.exists()]
-            if missing:
-                self._bad(f"{path}, record {index}: video not found: {missing[0]}" + (f" (and {len(missing) - 1} more frames)" if len(missing) > 1 else ""))
+        for index, record in zip(indices, result.records):
+            problem = check(record)
+            if problem:
+                self._bad(f"{path}, record {index}: {problem}")
             else:
                 kept.append(record)
         return kept
 
+    def dialogues(self, name: str, read: Callable) -> list:
+        """Records whose frames (or video) all exist under the video root."""
+
+        def missing_media(record) -> str | None:
+            media = record.media(self.video_root)
+            missing = [p for p in (media if isinstance(media, list) else [media]) if not p.exists()]
+            if not missing:
+                return None
+            more = f" (and {len(missing) - 1} more frames)" if len(missing) > 1 else ""
+            return f"video not found: {missing[0]}{more}"
+
+        return self._read(name, read, missing_media)
+
     def questions(self, name: str, read: Callable) -> list:
         """Benchmark questions whose `video_name` resolves under the evaluation video root."""
-        path = self.root / name
-        result = read(path, on_bad_record=self.policy)
-        self.skipped.extend(message for _, message in result.skipped)
-        kept = []
-        for index, question in enumerate(result.records):
+
+        def unresolved(question) -> str | None:
             try:
                 resolve_video(self.eval_video_root, question.video_name)
-            except (VideoError, ValueError) as e:
-                self._bad(f"{path}, record {index}: {e}")
-            else:
-                kept.append(question)
-        return kept
+            except ValueError as e:
+                return str(e)
+            return None
+
+        return self._read(name, read, unresolved)
 
 
 def run(params: Params, out: Path = OUT) -> Prepared:

@@ -1,0 +1,122 @@
+"""The `prepare` and `base` stages: package functions, and their notebooks under papermill."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlm_rlaif import base, data as records, prepare
+from vlm_rlaif.config import ConfigError, load_params
+from vlm_rlaif.modeling import build_inputs, load_model_and_processor
+from vlm_rlaif.synthetic.world import generate_world
+from vlm_rlaif.video import load_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARAMS = {
+    "seed": 1,
+    "world": {"seed": 5, "num_sft_videos": 6, "num_rl_videos": 2, "num_eval_videos": 2, "num_frames": 8,
+              "frame_size": 32, "judge_examples_per_video": 2, "questions_per_video": 2},
+    "data": {"eval_video_root": "data/videos/synthetic_8frames", "num_frames": 4,
+             "curriculum": {"threshold_words": 10, "quantile": None}},
+    "base": {"tiny": {"image_size": 32, "patch_size": 8, "vision_hidden_size": 32, "vision_heads": 2,
+                      "text_hidden_size": 32, "text_layers": 2, "text_heads": 2, "intermediate_size": 64,
+                      "vocab_size": 400, "max_position_embeddings": 512}},
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A tiny copy of the repo's working layout: params.yaml, dvc.yaml and a generated data/."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    generate_world(params.world, "data")
+    return tmp_path
+
+
+def _edit_json(path: Path, edit) -> None:
+    rows = json.loads(path.read_text())
+    edit(rows)
+    path.write_text(json.dumps(rows))
+
+
+def test_prepare_writes_validated_sets_and_the_curriculum_split(project):
+    params = load_params("params.yaml")
+    prepared = prepare.run(params)
+    easy = records.read_sft(prepare.OUT / "sft_easy.json").records
+    hard = records.read_sft(prepare.OUT / "sft_hard.json").records
+    assert len(easy) == 6 * 2 and len(hard) == 6  # short QA easy, one description per video hard
+    assert all(records.answer_words(r) <= 10 < records.answer_words(h) for r in easy for h in hard)
+    assert prepared.counts["rl_prompts"] == 4 and prepared.counts["eval/zeroshot_synthetic"] == 4
+    manifest = json.loads((prepare.OUT / "manifest.json").read_text())
+    assert manifest["curriculum"]["threshold_words"] == 10 and manifest["skipped_records"] == 0
+    assert set(json.loads((prepare.OUT / "scenes.json").read_text())) == set(
+        json.loads((project / "data" / "scenes.json").read_text())
+    )
+
+
+def test_prepare_refuses_data_from_another_world(project):
+    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "world": {**PARAMS["world"], "difficulty": 0.9}}))
+    with pytest.raises(ConfigError, match=r"world\.difficulty.*make data"):
+        prepare.run(load_params("params.yaml"))
+    assert not prepare.OUT.exists()
+
+
+def test_missing_video_names_file_and_record_or_is_skipped(project):
+    long_file = project / "data" / "SFT_long.json"
+    _edit_json(long_file, lambda rows: rows[3].update(images=["synthetic_8frames/nope/frame_000.png"]))
+    with pytest.raises(records.RecordError, match=r"data/SFT_long\.json, record 3: video not found: .*nope"):
+        prepare.run(load_params("params.yaml"))
+
+    skip = {**PARAMS, "data": {**PARAMS["data"], "on_bad_record": "skip"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(skip))
+
+    def break_two(rows):
+        rows[1].pop("uid")
+        rows[2]["images"][0] = "synthetic_8frames/gone.png"
+
+    _edit_json(project / "data" / "RL_data.json", break_two)
+    prepared = prepare.run(load_params("params.yaml"))
+    skipped = json.loads((prepare.OUT / "skipped.json").read_text())
+    assert len(skipped) == 3 and prepared.counts["sft_hard"] == 5 and prepared.counts["rl_prompts"] == 2
+    assert any("RL_data.json, record 1" in s and '"uid"' in s for s in skipped)
+    assert any("RL_data.json, record 2: video not found" in s and "gone.png" in s for s in skipped)
+
+
+def test_base_builds_a_model_that_later_stages_load_by_path(project):
+    params = load_params("params.yaml")
+    prepare.run(params)
+    path = base.materialise(params, prepare.OUT)
+    model, processor = load_model_and_processor(path)
+    record = records.read_sft(prepare.OUT / "sft_hard.json").records[0]
+    corpus = list(base.corpus(prepare.OUT))
+    assert record.answer() in corpus and any("{response_a}" in text for text in corpus)  # data and prompt files
+    frames = load_video(record.media(params.data.video_root), params.data.num_frames)
+    inputs = build_inputs(processor, [frames], [record.conversations[:1]], add_generation_prompt=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    again = base.materialise(params, prepare.OUT, project / "again")
+    assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
+
+
+def test_stage_notebooks_run_under_papermill_with_injected_params(project):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    papermill = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml"]
+    for name in ("01_prepare", "02_base"):
+        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", project / f"{name}.ipynb")
+        done = subprocess.run([*papermill, f"{name}.ipynb", f"{name}.out.ipynb"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((project / "reports/metrics/prepare.json").read_text())
+    assert metrics["records"]["sft_hard"] == 6
+    base_metrics = json.loads((project / "reports/metrics/base.json").read_text())
+    assert base_metrics["visual_tokens_per_video"] == 4 * (32 // 8 // 2) ** 2
+    assert (project / "reports/figures/prepare_frame_strips.png").stat().st_size > 0
