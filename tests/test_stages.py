@@ -14,32 +14,9 @@ import yaml
 from vlm_rlaif import base, data as records, prepare
 from vlm_rlaif.config import ConfigError, load_params
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
-from vlm_rlaif.synthetic.world import generate_world
 from vlm_rlaif.video import load_video
 
-ROOT = Path(__file__).resolve().parents[1]
-
-PARAMS = {
-    "seed": 1,
-    "world": {"seed": 5, "num_sft_videos": 6, "num_rl_videos": 2, "num_eval_videos": 2, "num_frames": 8,
-              "frame_size": 32, "judge_examples_per_video": 2, "questions_per_video": 2},
-    "data": {"eval_video_root": "data/videos/synthetic_8frames", "num_frames": 4,
-             "curriculum": {"threshold_words": 10, "quantile": None}},
-    "base": {"tiny": {"image_size": 32, "patch_size": 8, "vision_hidden_size": 32, "vision_heads": 2,
-                      "text_hidden_size": 32, "text_layers": 2, "text_heads": 2, "intermediate_size": 64,
-                      "vocab_size": 400, "max_position_embeddings": 512}},
-}
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A tiny copy of the repo's working layout: params.yaml, dvc.yaml and a generated data/."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    monkeypatch.chdir(tmp_path)
-    params = load_params("params.yaml")
-    generate_world(params.world, "data")
-    return tmp_path
+from conftest import PARAMS, ROOT
 
 
 def _edit_json(path: Path, edit) -> None:

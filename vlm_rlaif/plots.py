@@ -37,3 +37,15 @@ def length_histogram(ax, easy: Sequence[int], hard: Sequence[int], threshold: fl
     ax.set_ylabel("SFT records")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
+
+
+def loss_curve(ax, log_history: list[dict], boundary_step: int | None) -> None:
+    """Training loss per logged step (Trainer's log_history), the curriculum boundary dashed."""
+    logs = [e for e in log_history if "loss" in e]
+    ax.plot([e["step"] for e in logs], [e["loss"] for e in logs], color="tab:blue", linewidth=1)
+    if boundary_step is not None:
+        ax.axvline(boundary_step, color="black", linestyle="--", linewidth=1, label="easy → hard")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")

@@ -1,0 +1,55 @@
+"""A tiny project for stage tests: params, a generated world, and (once per module) its base model."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlm_rlaif import base, prepare
+from vlm_rlaif.config import load_params
+from vlm_rlaif.synthetic.world import generate_world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARAMS = {
+    "seed": 1,
+    "world": {"seed": 5, "num_sft_videos": 6, "num_rl_videos": 2, "num_eval_videos": 2, "num_frames": 8,
+              "frame_size": 32, "judge_examples_per_video": 2, "questions_per_video": 2},
+    "data": {"eval_video_root": "data/videos/synthetic_8frames", "num_frames": 4,
+             "curriculum": {"threshold_words": 10, "quantile": None}},
+    "base": {"tiny": {"image_size": 32, "patch_size": 8, "vision_hidden_size": 32, "vision_heads": 2,
+                      "text_hidden_size": 32, "text_layers": 2, "text_heads": 2, "intermediate_size": 64,
+                      "vocab_size": 400, "max_position_embeddings": 512}},
+    "sft": {"batch_size": 4, "learning_rate": 1.0e-3, "max_length": 512, "caption_share": 0.2, "judge_share": 0.2,
+            "save_steps": 2},
+}
+
+
+def make_project(root: Path, params: dict = PARAMS) -> None:
+    """params.yaml, dvc.yaml and a generated data/ under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    generate_world(load_params(root / "params.yaml").world, root / "data")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A fresh tiny project as the working directory."""
+    make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny project with its `prepare` and `base` stages run, shared by a module's tests."""
+    root = tmp_path_factory.mktemp("built")
+    make_project(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        params = load_params("params.yaml")
+        prepare.run(params)
+        base.materialise(params, prepare.OUT)
+    return root

@@ -1,0 +1,131 @@
+"""Curriculum SFT: ordering, the loss mask, resume after a kill, LoRA, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vlm_rlaif import sft
+from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator
+from vlm_rlaif.config import SFTConfig, load_params
+from vlm_rlaif.data import SFTRecord, Turn, read_sft
+from vlm_rlaif.modeling import load_model_and_processor
+
+from conftest import PARAMS
+
+
+def _record(i: int, answer: str) -> SFTRecord:
+    return SFTRecord(id=i, conversations=[Turn("human", "<image>\nq"), Turn("gpt", answer)], images=["f.png"])
+
+
+def test_curriculum_puts_every_easy_example_before_the_hard_stage():
+    easy = [_record(i, "short") for i in range(10)]
+    hard = [_record(100 + i, "a long answer " * 5) for i in range(6)]
+    captions = [_record(200 + i, "caption") for i in range(50)]
+    judge = [_record(300 + i, "A") for i in range(50)]
+    cfg = SFTConfig(epochs=2.0, caption_share=0.2, judge_share=0.2)
+    c = sft.build_curriculum(easy, hard, captions, judge, cfg, seed=0)
+    assert c.sizes == {"easy": 10, "hard": 6, "captions": 5, "judge": 5}  # 0.2 of a mix with 16 SFT examples: 16 * 0.2 / 0.6
+    assert c.boundary == 20 and len(c.records) == 2 * (10 + 6 + 5 + 5)
+    assert {r.id for r in c.records[: c.boundary]} == set(range(10))
+    assert all(r.id >= 100 for r in c.records[c.boundary :])
+    assert [r.id for r in c.records[:10]] != [r.id for r in c.records[10:20]]  # each epoch reshuffled
+    again = sft.build_curriculum(easy, hard, captions, judge, cfg, seed=0)
+    assert [r.id for r in again.records] == [r.id for r in c.records]
+
+    mixed = sft.build_curriculum(easy, hard, captions, judge, SFTConfig(curriculum=False, epochs=1.5), seed=0)
+    assert mixed.boundary is None and len(mixed.records) == 16 + 8
+    assert any(r.id >= 100 for r in mixed.records[:10])
+
+
+def test_collator_puts_the_loss_on_the_answer_only(built):
+    _, processor = load_model_and_processor(built / "artifacts/base")
+    record = read_sft(built / "artifacts/prepare/sft_easy.json").records[0]
+    collate = VideoConversationCollator(processor, built / "data/videos", num_frames=4, max_length=512)
+    batch = collate([record, read_sft(built / "artifacts/prepare/sft_hard.json").records[0]])
+    labels = batch["labels"][0]
+    answer = processor.tokenizer.decode(labels[labels != IGNORE_INDEX])
+    assert answer.strip() == record.answer() + processor.tokenizer.eos_token
+    assert batch["labels"].shape == batch["input_ids"].shape
+    with pytest.raises(ValueError, match="max_length 10 cuts into the 16 visual tokens"):
+        VideoConversationCollator(processor, built / "data/videos", num_frames=4, max_length=10)([record])
+
+
+def _params_file(root: Path, **sft_overrides) -> Path:
+    params = {**PARAMS, "sft": {**PARAMS["sft"], **sft_overrides}}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _run_sft(root: Path, *, kill_after_checkpoint: str | None = None, processes: int = 1) -> subprocess.CompletedProcess | None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    module = ["-m", "vlm_rlaif.sft", "--params", "params.yaml"]
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    if kill_after_checkpoint is None:
+        return subprocess.run(launcher + module, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(launcher + module, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = root / "artifacts/checkpoints/sft" / kill_after_checkpoint / "trainer_state.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "training ended before the checkpoint to kill at"
+    return None
+
+
+def test_killed_training_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(built):
+    _params_file(built)
+    _run_sft(built, kill_after_checkpoint="checkpoint-2")
+    assert not (built / "artifacts/sft").exists()
+    done = _run_sft(built)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((built / "artifacts/sft/curriculum.json").read_text())
+    assert info["resumed_from"] is not None and int(info["resumed_from"].rsplit("-", 1)[1]) >= 2
+    resumed = load_file(built / "artifacts/sft/model.safetensors")
+    steps = info["total_steps"]
+
+    (built / "artifacts/checkpoints/sft/run.json").write_text('{"fingerprint": "another run"}')
+    fresh = _run_sft(built)  # a checkpoint of another run is discarded, not resumed
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    info = json.loads((built / "artifacts/sft/curriculum.json").read_text())
+    assert info["resumed_from"] is None and info["total_steps"] == steps
+    uninterrupted = load_file(built / "artifacts/sft/model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(built, monkeypatch):
+    monkeypatch.chdir(built)
+    params = load_params(_params_file(built, lora={"r": 4, "alpha": 8, "dropout": 0.0}, epochs=0.3))
+    model, _ = load_model_and_processor(built / "artifacts/base")
+    peft_model = sft.apply_lora(model, params.sft.lora, params.base.family)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+
+    out = sft.train(params, out=built / "lora_out", checkpoints=built / "lora_ckpt")
+    merged, _ = load_model_and_processor(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    base_weights = load_file(built / "artifacts/base/model.safetensors")
+    merged_weights = load_file(out / "model.safetensors")
+    changed = [n for n in merged_weights if "q_proj" in n and "language_model" in n and not torch.equal(merged_weights[n], base_weights[n])]
+    assert changed  # the adapters were trained and merged into the language model
+    assert all(torch.equal(merged_weights[n], base_weights[n]) for n in merged_weights if "vision_tower" in n)
+
+
+def test_two_processes_train_one_model(built):
+    _params_file(built, epochs=0.5)
+    done = _run_sft(built, processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((built / "artifacts/sft/curriculum.json").read_text())
+    assert info["total_steps"] == -(-info["examples"] // (PARAMS["sft"]["batch_size"] * 2))

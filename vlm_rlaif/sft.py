@@ -1,0 +1,255 @@
+"""Curriculum SFT: the easy split (short answers) first, then the hard split (long answers).
+
+The paper tunes its video LMM in two SFT stages, one epoch each. Here both stages are one
+training run over one ordered list (so a single learning-rate schedule spans them and a
+crash anywhere resumes from the last checkpoint); `sft.curriculum: false` shuffles the two
+together for the ablation. The embedded default also mixes the world's clip-caption and
+judge examples into the hard stage (`caption_share`, `judge_share`): the abilities the
+preferences stage asks of the SFT model, which a pretrained LLM brings at paper scale.
+
+Training is transformers' `Trainer` with this package's video collator (trl's SFTTrainer
+expects its own image-message format and collator, not video conversations in the release
+layout). Run it in-process, or multi-process with `python -m torch.distributed.run
+--nproc_per_node N -m vlm_rlaif.sft --params FILE` (`launch` does this for you).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+from accelerate import PartialState
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlm_rlaif import io
+from vlm_rlaif.collate import VideoConversationCollator
+from vlm_rlaif.config import LoraConfig, Params, SFTConfig, load_params
+from vlm_rlaif.data import SFTRecord, read_sft
+from vlm_rlaif.modeling import load_model_and_processor
+
+OUT = Path("artifacts/sft")
+CHECKPOINTS = Path("artifacts/checkpoints/sft")
+# The part of each family that connects vision to language: trained in full under LoRA.
+PROJECTORS = {"llava_next_video": ["multi_modal_projector"], "qwen2_5_vl": ["merger"]}
+
+
+# --------------------------------------------------------------------------- curriculum
+
+
+@dataclass
+class Curriculum:
+    """The training order, and where the hard stage starts in it (None when mixed)."""
+
+    records: list[SFTRecord]
+    boundary: int | None
+    sizes: dict[str, int]
+
+
+def _epochs(items: Sequence, epochs: float, rng: np.random.Generator) -> list:
+    """`epochs` passes over `items`, each in a fresh random order; a fractional pass is cut short."""
+    out: list = []
+    for e in range(math.ceil(epochs)):
+        order = rng.permutation(len(items))
+        take = len(items) if e + 1 <= epochs else round((epochs - e) * len(items))
+        out.extend(items[i] for i in order[:take])
+    return out
+
+
+def _extras_size(share: float, others: float, n_sft: int) -> int:
+    """How many examples make up `share` of the final mix, next to n_sft SFT examples."""
+    return round(share / (1 - share - others) * n_sft) if share else 0
+
+
+def build_curriculum(
+    easy: list[SFTRecord], hard: list[SFTRecord], captions: list[SFTRecord], judge: list[SFTRecord], cfg: SFTConfig, seed: int
+) -> Curriculum:
+    if cfg.caption_share + cfg.judge_share >= 1:
+        raise ValueError("sft.caption_share + sft.judge_share must be below 1")
+    rng = np.random.default_rng(seed)
+    n_sft = len(easy) + len(hard)
+    extras = []
+    for pool, share, other in ((captions, cfg.caption_share, cfg.judge_share), (judge, cfg.judge_share, cfg.caption_share)):
+        n = min(len(pool), _extras_size(share, other, n_sft))
+        extras.append([pool[i] for i in sorted(rng.permutation(len(pool))[:n])])
+    stage2 = hard + extras[0] + extras[1]
+    sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1])}
+    if cfg.curriculum:
+        first = _epochs(easy, cfg.epochs, rng)
+        return Curriculum(first + _epochs(stage2, cfg.epochs, rng), len(first), sizes)
+    return Curriculum(_epochs(easy + stage2, cfg.epochs, rng), None, sizes)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def apply_lora(model, lora: LoraConfig, family: str):
+    """LoRA on the language model's projections; the projector trained in full; the rest frozen."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    target = rf".*language_model.*\.({'|'.join(lora.target_modules)})"
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, modules_to_save=PROJECTORS[family]
+    )
+    return get_peft_model(model, config)
+
+
+def fingerprint(params: Params, files: Sequence[Path], base: Path) -> str:
+    """What a checkpoint was trained from: a checkpoint of another run is never resumed."""
+    h = hashlib.sha256()
+    keys = {"sft": dataclasses.asdict(params.sft), "seed": params.seed, "num_frames": params.data.num_frames}
+    h.update(json.dumps(keys, sort_keys=True).encode())
+    for path in files:
+        h.update(path.name.encode() + (hashlib.md5(path.read_bytes()).digest() if path.is_file() else b"-"))
+    for path in sorted(base.iterdir()):
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _discard_other_runs(checkpoints: Path, stamp: str) -> None:
+    """Keep the checkpoints only if they belong to this run (same fingerprint)."""
+    run = checkpoints / "run.json"
+    if checkpoints.exists() and (not run.is_file() or io.read_json(run).get("fingerprint") != stamp):
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    io.write_json(run, {"fingerprint": stamp})
+
+
+class CheckpointTrainer(Trainer):
+    """Trainer whose resume reads full-model checkpoints through `from_pretrained`.
+
+    `save_pretrained` writes LLaVA-NeXT-Video weights under the hub's key names, which
+    Trainer's own loader (a raw `load_state_dict`) does not map back: it would warn about
+    missing keys and go on from the base weights. Adapter checkpoints keep Trainer's loader.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        if hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict())
+
+
+class _Records(torch.utils.data.Dataset):
+    def __init__(self, records: list[SFTRecord]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> SFTRecord:
+        return self.records[i]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path = Path("artifacts/base"),
+          out: Path = OUT, checkpoints: Path = CHECKPOINTS) -> Path:
+    """Run curriculum SFT from `base` on the prepared sets; save the model to `out`."""
+    cfg = params.sft
+    names = ["sft_easy.json", "sft_hard.json", "sft_captions.json", "sft_judge.json"]
+    files = [prepared / n for n in names]
+    sets = [read_sft(p).records if p.is_file() else [] for p in files]
+    curriculum = build_curriculum(*sets, cfg, params.seed)
+
+    state = PartialState()
+    cuda = torch.cuda.is_available()
+    steps_per_update = cfg.batch_size * cfg.grad_accum * state.num_processes
+    total_steps = math.ceil(len(curriculum.records) / steps_per_update)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        logging_steps=max(1, total_steps // 200),
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        remove_unused_columns=False,
+        train_sampling_strategy="sequential",
+        seed=params.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+    if state.is_main_process:
+        _discard_other_runs(checkpoints, fingerprint(params, files, base))
+    state.wait_for_everyone()
+    resume = get_last_checkpoint(str(checkpoints))
+
+    model, processor = load_model_and_processor(base, dtype=params.base.dtype)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, params.base.family)
+    collator = VideoConversationCollator(processor, params.data.video_root, params.data.num_frames, cfg.max_length)
+    trainer = CheckpointTrainer(model=model, args=args, data_collator=collator, train_dataset=_Records(curriculum.records))
+    trainer.train(resume_from_checkpoint=resume)
+
+    if trainer.is_world_process_zero():
+        final = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
+        boundary_step = None if curriculum.boundary is None else math.ceil(curriculum.boundary / steps_per_update)
+        with io.atomic_dir(out) as tmp:
+            final.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            io.write_json(tmp / "log_history.json", trainer.state.log_history)
+            io.write_json(tmp / "curriculum.json", {
+                "sizes": curriculum.sizes, "examples": len(curriculum.records), "boundary_step": boundary_step,
+                "total_steps": trainer.state.global_step, "resumed_from": resume,
+            })
+    state.wait_for_everyone()
+    return out
+
+
+def launch(params: Params) -> Path:
+    """Train in this process, or in `sft.num_processes` processes through torch.distributed.run."""
+    if params.sft.num_processes == 1:
+        return train(params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        io.write_text(path, yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.sft.num_processes}",
+                   "-m", "vlm_rlaif.sft", "--params", str(path)]
+        subprocess.run(command, check=True)
+    return OUT
+
+
+def stage_losses(out: Path = OUT) -> dict[str, float]:
+    """Mean training loss over the last fifth of each curriculum stage's logged steps."""
+    history = [e for e in io.read_json(out / "log_history.json") if "loss" in e]
+    boundary = io.read_json(out / "curriculum.json")["boundary_step"]
+    stages = {"all": history} if boundary is None else {
+        "easy": [e for e in history if e["step"] <= boundary], "hard": [e for e in history if e["step"] > boundary]
+    }
+    return {name: round(float(np.mean([e["loss"] for e in logs[-max(1, len(logs) // 5):]])), 4)
+            for name, logs in stages.items() if logs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.sft", description="Curriculum SFT of a video LMM.")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    train(load_params(args.params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
