@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -97,3 +98,32 @@ def test_stage_notebooks_run_under_papermill_with_injected_params(project):
     base_metrics = json.loads((project / "reports/metrics/base.json").read_text())
     assert base_metrics["visual_tokens_per_video"] == 4 * (32 // 8 // 2) ** 2
     assert (project / "reports/figures/prepare_frame_strips.png").stat().st_size > 0
+
+
+def test_tiny_base_learns_to_read_colours_from_pixels(built):
+    """The base normalises frames with the world's pixel statistics; with CLIP's constants
+    every visual token comes out nearly parallel and this loss stays at chance (ln 4 / 3)."""
+    model, processor = load_model_and_processor(built / "artifacts/base")
+    stats = base.pixel_statistics(built / "artifacts/prepare", built / "data/videos", num_frames=4)
+    assert list(processor.video_processor.image_mean) == stats[0] and list(processor.video_processor.image_std) == stats[1]
+    colours = {"Red.": (220, 30, 30), "Green.": (30, 200, 30), "Blue.": (30, 30, 220), "Yellow.": (230, 220, 30)}
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(200):
+        videos, conversations = [], []
+        for answer in rng.choice(list(colours), 8):
+            frames = np.full((4, 32, 32, 3), 30, np.uint8)
+            x, y = rng.integers(0, 22, 2)
+            frames[:, y : y + 10, x : x + 10] = colours[answer]
+            videos.append(frames)
+            conversations.append([{"from": "human", "value": "<image>\nWhat colour is the object?"}, {"from": "gpt", "value": answer}])
+        batch = build_inputs(processor, videos, conversations, add_generation_prompt=False, assistant_masks=True)
+        mask = batch.pop("assistant_masks").bool()
+        loss = model(**batch, labels=batch["input_ids"].masked_fill(~mask, -100)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.3  # an answer blind to the pixels scores ln(4) / 3 = 0.46 here

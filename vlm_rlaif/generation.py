@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -188,32 +188,7 @@ def generate_sequences(
     return results
 
 
-def generate(
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    videos: Sequence[np.ndarray],
-    conversations: Sequence[list[dict]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    num_return_sequences: int = 1,
-    batch_size: int = 8,
-    progress: bool = False,
-    features: Sequence[torch.Tensor] | None = None,
-) -> list[list[str]]:
-    """num_return_sequences response texts per (video, conversation); see `generate_sequences`."""
-    generations = generate_sequences(
-        model,
-        processor,
-        videos,
-        conversations,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        num_return_sequences=num_return_sequences,
-        batch_size=batch_size,
-        progress=progress,
-        features=features,
-    )
-    return [[g.text for g in group] for group in generations]
+def generate(*args: Any, **kwargs: Any) -> list[list[str]]:
+    """num_return_sequences response texts per (video, conversation): `generate_sequences`
+    (same arguments) without the token ids."""
+    return [[g.text for g in group] for group in generate_sequences(*args, **kwargs)]

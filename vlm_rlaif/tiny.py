@@ -9,7 +9,7 @@ result is saved with `save_pretrained`, so every later stage loads it by path ex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -27,6 +27,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from vlm_rlaif.config import TinyModelConfig
 from vlm_rlaif.io import atomic_dir
+
+PixelStats = tuple[Sequence[float], Sequence[float]]
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -81,8 +83,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_tokens: list
     return tokenizer
 
 
-def build_processor(cfg: TinyModelConfig, corpus: Iterable[str]) -> LlavaNextVideoProcessor:
-    """Tokenizer + video/image processors sized so `<video>` expands to the model's token count."""
+def build_processor(
+    cfg: TinyModelConfig, corpus: Iterable[str], pixel_stats: PixelStats = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+) -> LlavaNextVideoProcessor:
+    """Tokenizer + video/image processors sized so `<video>` expands to the model's token count.
+
+    `pixel_stats` is the (mean, std) per channel the frames are normalised with. A vision
+    tower trained from scratch needs them from its own data: with CLIP's constants the
+    world's dark backgrounds become one large shared input, every visual token comes out
+    nearly parallel (cosine > 0.97), and the language model cannot learn to read them.
+    """
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_tokenizer(corpus, cfg.vocab_size, SPECIAL_TOKENS),
         bos_token=BOS,
@@ -94,7 +104,7 @@ def build_processor(cfg: TinyModelConfig, corpus: Iterable[str]) -> LlavaNextVid
         model_max_length=cfg.max_position_embeddings,
     )
     square = {"height": cfg.image_size, "width": cfg.image_size}
-    clip = dict(image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    clip = dict(image_mean=list(pixel_stats[0]), image_std=list(pixel_stats[1]))
     video_processor = LlavaNextVideoVideoProcessor(
         size={"shortest_edge": cfg.image_size}, crop_size=square, do_sample_frames=False, **clip
     )
@@ -156,14 +166,17 @@ def build_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     )
 
 
-def build_tiny_model(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int) -> Path:
+def build_tiny_model(
+    cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int,
+    pixel_stats: PixelStats = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+) -> Path:
     """Train the tokenizer, initialise the model from `seed`, save both into `out_dir`.
 
     The folder appears complete or not at all: everything is written to a temp folder
     beside it and renamed at the end, so a killed build never looks like a model.
     """
     out_dir = Path(out_dir)
-    processor = build_processor(cfg, corpus)
+    processor = build_processor(cfg, corpus, pixel_stats)
     config = build_config(cfg, processor.tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
