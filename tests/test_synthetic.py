@@ -79,7 +79,7 @@ def test_files_follow_the_release_layout(world):
     assert [r["uid"] for r in rl] == list(range(len(rl))) and all(set(r) == {"conversations", "images", "uid"} for r in rl)
     assert {r["images"][0].split("/")[1] for r in rl} == set(splits["rl"])
     for name, keys in (
-        ("eval/zeroshot_qa.json", {"video_name", "question_id", "question", "answer"}),
+        ("eval/zeroshot_qa.json", {"video_name", "question_id", "question", "answer", "type"}),
         ("eval/generic_qa.json", {"video_name", "Q", "A"}),
         ("eval/temporal_qa.json", {"video_name", "Q", "A"}),
         ("eval/consistency_qa.json", {"video_name", "Q1", "Q2", "A"}),
