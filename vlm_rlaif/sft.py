@@ -35,7 +35,7 @@ from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlm_rlaif import io
+from vlm_rlaif import collate, data, io, modeling, video
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.config import LoraConfig, Params, SFTConfig, load_params
 from vlm_rlaif.data import SFTRecord, read_sft
@@ -108,8 +108,11 @@ def apply_lora(model, lora: LoraConfig, family: str):
 
 
 def fingerprint(params: Params, files: Sequence[Path], base: Path) -> str:
-    """What a checkpoint was trained from: a checkpoint of another run is never resumed."""
+    """What a checkpoint was trained from (params, data, base model, the training code):
+    a checkpoint of another run is never resumed."""
     h = hashlib.sha256()
+    for module in (sys.modules[__name__], collate, data, modeling, video):
+        h.update(Path(module.__file__).read_bytes())
     keys = {"sft": dataclasses.asdict(params.sft), "seed": params.seed, "num_frames": params.data.num_frames}
     h.update(json.dumps(keys, sort_keys=True).encode())
     for path in files:
@@ -210,13 +213,18 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         with io.atomic_dir(out) as tmp:
             final.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-            io.write_json(tmp / "log_history.json", trainer.state.log_history)
+            io.write_json(tmp / "log_history.json", _without_timings(trainer.state.log_history))
             io.write_json(tmp / "curriculum.json", {
                 "sizes": curriculum.sizes, "examples": len(curriculum.records), "boundary_step": boundary_step,
                 "total_steps": trainer.state.global_step, "resumed_from": resume,
             })
     state.wait_for_everyone()
     return out
+
+
+def _without_timings(log_history: list[dict]) -> list[dict]:
+    """Trainer's log without wall-clock figures, so the saved model folder is byte-stable."""
+    return [{k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))} for entry in log_history]
 
 
 def launch(params: Params) -> Path:
