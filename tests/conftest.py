@@ -20,7 +20,8 @@ PARAMS = {
              "curriculum": {"threshold_words": 10, "quantile": None}},
     "base": {"tiny": {"image_size": 32, "patch_size": 8, "vision_hidden_size": 32, "vision_heads": 2,
                       "text_hidden_size": 32, "text_layers": 2, "text_heads": 2, "intermediate_size": 64,
-                      "vocab_size": 400, "max_position_embeddings": 512}},
+                      "vocab_size": 400, "max_position_embeddings": 512,
+                      "pretrain": {"steps": 10, "batch_size": 16}}},
     "sft": {"batch_size": 4, "learning_rate": 1.0e-3, "max_length": 512, "caption_share": 0.2, "judge_share": 0.2,
             "save_steps": 2},
 }

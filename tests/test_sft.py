@@ -33,7 +33,7 @@ def test_curriculum_puts_every_easy_example_before_the_hard_stage():
     judge = [_record(300 + i, "A") for i in range(50)]
     cfg = SFTConfig(epochs=2.0, caption_share=0.2, judge_share=0.2)
     c = sft.build_curriculum(easy, hard, captions, judge, cfg, seed=0)
-    assert c.sizes == {"easy": 10, "hard": 6, "captions": 5, "judge": 5}  # 0.2 of a mix with 16 SFT examples: 16 * 0.2 / 0.6
+    assert c.sizes == {"easy": 10, "hard": 6, "captions": 5, "judge": 5, "replay": 0}  # 0.2 of a mix with 16 SFT examples: 16 * 0.2 / 0.6
     assert c.boundary == 20 and len(c.records) == 2 * (10 + 6 + 5 + 5)
     assert {r.id for r in c.records[: c.boundary]} == set(range(10))
     assert all(r.id >= 100 for r in c.records[c.boundary :])
@@ -41,9 +41,25 @@ def test_curriculum_puts_every_easy_example_before_the_hard_stage():
     again = sft.build_curriculum(easy, hard, captions, judge, cfg, seed=0)
     assert [r.id for r in again.records] == [r.id for r in c.records]
 
-    mixed = sft.build_curriculum(easy, hard, captions, judge, SFTConfig(curriculum=False, epochs=1.5), seed=0)
+    mixed = sft.build_curriculum(easy, hard, captions, judge, SFTConfig(curriculum=False, epochs=1.5, batch_size=1), seed=0)
     assert mixed.boundary is None and len(mixed.records) == 16 + 8
-    assert any(r.id >= 100 for r in mixed.records[:10])
+    ids = [r.id for r in mixed.records]
+    assert min(i for i, x in enumerate(ids) if x >= 100) < max(i for i, x in enumerate(ids) if x < 100)  # not easy, then hard
+
+
+def test_hard_stage_replays_easy_examples_and_batches_group_by_length():
+    easy = [_record(i, "short") for i in range(40)]
+    hard = [_record(100 + i, "a long answer " * 5) for i in range(30)]
+    judge = [_record(300 + i, "A " * (200 + 200 * (i % 2))) for i in range(50)]
+    cfg = SFTConfig(epochs=1.0, batch_size=4, judge_share=0.2, replay_share=0.25)
+    c = sft.build_curriculum(easy, hard, [], judge, cfg, seed=0)
+    assert c.sizes["judge"] == 18 and c.sizes["replay"] == 16  # 0.25 of a hard stage of 48 + replay
+    second = c.records[c.boundary :]
+    assert len(second) == 30 + 18 + 16 and sum(r.id < 100 for r in second) == 16
+    buckets = [sft._length_bucket(r) for r in second]
+    assert sorted(set(buckets)) == [0, 1, 3]  # QA and descriptions, short judge examples, long ones
+    batches = [buckets[i : i + 4] for i in range(0, len(buckets), 4)]
+    assert sum(len(set(b)) > 1 for b in batches) <= 3  # at most the one batch where a bucket ends, per bucket
 
 
 def test_collator_puts_the_loss_on_the_answer_only(built):
@@ -108,7 +124,7 @@ def test_lora_trains_adapters_and_saves_a_merged_model(built, monkeypatch):
     monkeypatch.chdir(built)
     params = load_params(_params_file(built, lora={"r": 4, "alpha": 8, "dropout": 0.0}, epochs=0.3))
     model, _ = load_model_and_processor(built / "artifacts/base")
-    peft_model = sft.apply_lora(model, params.sft.lora, params.base.family)
+    peft_model = sft.apply_lora(model, params.sft, params.base.family)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
     assert not any("vision_tower" in n for n in trainable)

@@ -37,7 +37,7 @@ def test_build_writes_a_safetensors_checkpoint_with_the_paper_wiring(tiny_dir, t
     assert not any(p.name.endswith(".tmp") for p in tiny_dir.parent.iterdir())
     config = model.config
     assert config.model_type == "llava_next_video"
-    assert config.vision_feature_layer == -2 and config.vision_feature_select_strategy == "default"
+    assert config.vision_feature_layer == -1 and config.vision_feature_select_strategy == "default"
     assert config.vision_config.image_size == 64 and config.vision_config.patch_size == 8
     assert config.text_config.vocab_size == len(processor.tokenizer)
     assert processor.video_processor.crop_size["height"] == 64

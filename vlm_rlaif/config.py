@@ -98,6 +98,16 @@ class DataConfig:
 
 
 @dataclass
+class VisionPretrainConfig:
+    """The tiny vision tower's pretraining on the world's frames (vlm_rlaif.pretrain)."""
+
+    steps: int = field(default=500, metadata=non_negative())
+    batch_size: int = field(default=128, metadata=positive())
+    learning_rate: float = field(default=3e-3, metadata=positive())
+    heldout: float = field(default=0.05, metadata=_check(0, 1, lo_open=True))
+
+
+@dataclass
 class TinyModelConfig:
     """Dimensions of the tiny LLaVA-NeXT-Video the embedded default builds from scratch."""
 
@@ -106,14 +116,18 @@ class TinyModelConfig:
     vision_hidden_size: int = field(default=64, metadata=positive())
     vision_layers: int = field(default=2, metadata=positive())
     vision_heads: int = field(default=4, metadata=positive())
+    vision_feature_layer: int = -1
     text_hidden_size: int = field(default=128, metadata=positive())
     text_layers: int = field(default=4, metadata=positive())
     text_heads: int = field(default=4, metadata=positive())
     intermediate_size: int = field(default=256, metadata=positive())
     vocab_size: int = field(default=1024, metadata=_check(300, None))
     max_position_embeddings: int = field(default=1024, metadata=positive())
+    pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
 
     def validate(self, key: str) -> None:
+        if not -self.vision_layers <= self.vision_feature_layer <= self.vision_layers:
+            raise ConfigError(f"{key}.vision_feature_layer: {self.vision_feature_layer} is not a layer of {self.vision_layers}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"{key}.image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if (self.image_size // self.patch_size) % 2:
@@ -164,9 +178,19 @@ class SFTConfig:
     lora: LoraConfig | None = None
     caption_share: float = field(default=0.0, metadata=unit())
     judge_share: float = field(default=0.0, metadata=unit())
+    replay_share: float = field(default=0.0, metadata=_check(0, 1))
     gradient_checkpointing: bool = False
     save_steps: int = field(default=100, metadata=positive())
     num_processes: int = field(default=1, metadata=positive())
+    # LLaVA's recipe keeps the vision tower frozen in SFT and trains the projector.
+    train_vision_tower: bool = False
+    train_projector: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.replay_share >= 1:
+            raise ConfigError(f"{key}.replay_share: {self.replay_share} must be below 1")
+        if self.lora is not None and self.train_vision_tower:
+            raise ConfigError(f"{key}.train_vision_tower: LoRA SFT trains the language model (and the projector) only")
 
 
 @dataclass

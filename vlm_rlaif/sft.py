@@ -3,7 +3,9 @@
 The paper tunes its video LMM in two SFT stages, one epoch each. Here both stages are one
 training run over one ordered list (so a single learning-rate schedule spans them and a
 crash anywhere resumes from the last checkpoint); `sft.curriculum: false` shuffles the two
-together for the ablation. The embedded default also mixes the world's clip-caption and
+together for the ablation. `sft.replay_share` draws part of the hard stage from the easy
+split again: a language model trained from scratch otherwise forgets to stop after a short
+answer (a 7B LLM keeps that from pretraining; zero in the paper profile). The embedded default also mixes the world's clip-caption and
 judge examples into the hard stage (`caption_share`, `judge_share`): the abilities the
 preferences stage asks of the SFT model, which a pretrained LLM brings at paper scale.
 
@@ -43,8 +45,9 @@ from vlm_rlaif.modeling import load_model_and_processor
 
 OUT = Path("artifacts/sft")
 CHECKPOINTS = Path("artifacts/checkpoints/sft")
-# The part of each family that connects vision to language: trained in full under LoRA.
-PROJECTORS = {"llava_next_video": ["multi_modal_projector"], "qwen2_5_vl": ["merger"]}
+# The part of each family that sees, and the part that connects vision to language.
+TOWERS = {"llava_next_video": "vision_tower", "qwen2_5_vl": "visual"}
+PROJECTORS = {"llava_next_video": "multi_modal_projector", "qwen2_5_vl": "merger"}
 
 
 # --------------------------------------------------------------------------- curriculum
@@ -74,6 +77,28 @@ def _extras_size(share: float, others: float, n_sft: int) -> int:
     return round(share / (1 - share - others) * n_sft) if share else 0
 
 
+def _length_bucket(record: SFTRecord, width: int = 256) -> int:
+    """Text length in coarse steps: a short QA, a description or caption, a judge example."""
+    return sum(len(turn.value) for turn in record.conversations) // width
+
+
+def _grouped_by_length(records: list, batch_size: int, rng: np.random.Generator, window: int = 16) -> list:
+    """Within each window of `window` batches, put examples of one length bucket in one batch
+    (a batch is padded to its longest example; a judge example is three times a caption),
+    then shuffle the order of the batches. Buckets are coarse on purpose: sorting by exact
+    length would fill each batch with one question type, and the model then fails to learn
+    to read the video at all."""
+    out: list = []
+    for start in range(0, len(records), batch_size * window):
+        chunk = sorted(records[start : start + batch_size * window], key=_length_bucket)
+        batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        full = [b for b in batches if len(b) == batch_size]
+        for i in rng.permutation(len(full)):
+            out.extend(full[i])
+        out.extend(x for b in batches if len(b) < batch_size for x in b)  # a short batch stays last
+    return out
+
+
 def build_curriculum(
     easy: list[SFTRecord], hard: list[SFTRecord], captions: list[SFTRecord], judge: list[SFTRecord], cfg: SFTConfig, seed: int
 ) -> Curriculum:
@@ -87,22 +112,37 @@ def build_curriculum(
         extras.append([pool[i] for i in sorted(rng.permutation(len(pool))[:n])])
     stage2 = hard + extras[0] + extras[1]
     sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1])}
-    if cfg.curriculum:
-        first = _epochs(easy, cfg.epochs, rng)
-        return Curriculum(first + _epochs(stage2, cfg.epochs, rng), len(first), sizes)
-    return Curriculum(_epochs(easy + stage2, cfg.epochs, rng), None, sizes)
+    if not cfg.curriculum:
+        return Curriculum(_grouped_by_length(_epochs(easy + stage2, cfg.epochs, rng), cfg.batch_size, rng), None, sizes)
+    n_replay = min(len(easy), _extras_size(cfg.replay_share, 0.0, len(stage2)))
+    replay = [easy[i] for i in sorted(rng.permutation(len(easy))[:n_replay])]
+    sizes["replay"] = len(replay)
+    first = _grouped_by_length(_epochs(easy, cfg.epochs, rng), cfg.batch_size, rng)
+    second = _grouped_by_length(_epochs(stage2 + replay, cfg.epochs, rng), cfg.batch_size, rng)
+    return Curriculum(first + second, len(first), sizes)
 
 
 # --------------------------------------------------------------------------- model
 
 
-def apply_lora(model, lora: LoraConfig, family: str):
-    """LoRA on the language model's projections; the projector trained in full; the rest frozen."""
+def set_trainable(model, cfg: SFTConfig, family: str) -> None:
+    """Freeze the vision tower and/or the projector as `cfg` asks (the language model trains)."""
+    for part, trainable in ((TOWERS[family], cfg.train_vision_tower), (PROJECTORS[family], cfg.train_projector)):
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] == part:
+                module.requires_grad_(trainable)
+
+
+def apply_lora(model, cfg: SFTConfig, family: str):
+    """LoRA on the language model's projections; the projector trained in full if `cfg` says so;
+    the rest frozen."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    lora = cfg.lora
     target = rf".*language_model.*\.({'|'.join(lora.target_modules)})"
     config = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, modules_to_save=PROJECTORS[family]
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+        modules_to_save=[PROJECTORS[family]] if cfg.train_projector else None,
     )
     return get_peft_model(model, config)
 
@@ -202,7 +242,9 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
 
     model, processor = load_model_and_processor(base, dtype=params.base.dtype)
     if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, params.base.family)
+        model = apply_lora(model, cfg, params.base.family)
+    else:
+        set_trainable(model, cfg, params.base.family)
     collator = VideoConversationCollator(processor, params.data.video_root, params.data.num_frames, cfg.max_length)
     trainer = CheckpointTrainer(model=model, args=args, data_collator=collator, train_dataset=_Records(curriculum.records))
     trainer.train(resume_from_checkpoint=resume)

@@ -126,7 +126,9 @@ def build_processor(
 
 
 def build_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfig:
-    """LLaVA-NeXT-Video wiring at toy width: CLIP features from layer -2, CLS dropped, 2x2 pooling."""
+    """LLaVA-NeXT-Video wiring at toy width: CLIP features from `vision_feature_layer` (the
+    7B model reads layer -2 of 24; a tower of two or three layers needs all of them), CLS
+    dropped, 2x2 pooling."""
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden_size,
         intermediate_size=4 * cfg.vision_hidden_size,
@@ -155,7 +157,7 @@ def build_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-        vision_feature_layer=-2,
+        vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy="default",
         spatial_pool_mode="average",
         spatial_pool_stride=SPATIAL_POOL_STRIDE,
@@ -166,23 +168,31 @@ def build_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     )
 
 
-def build_tiny_model(
-    cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int,
-    pixel_stats: PixelStats = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-) -> Path:
-    """Train the tokenizer, initialise the model from `seed`, save both into `out_dir`.
-
-    The folder appears complete or not at all: everything is written to a temp folder
-    beside it and renamed at the end, so a killed build never looks like a model.
-    """
-    out_dir = Path(out_dir)
+def build_tiny(
+    cfg: TinyModelConfig, corpus: Iterable[str], seed: int, pixel_stats: PixelStats = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
+    """Train the tokenizer and initialise the model from `seed` (in memory)."""
     processor = build_processor(cfg, corpus, pixel_stats)
     config = build_config(cfg, processor.tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaNextVideoForConditionalGeneration(config)
+    return model, processor
 
+
+def save(model, processor, out_dir: Path) -> Path:
+    """save_pretrained of both into `out_dir`, which appears complete or not at all (written
+    to a temp folder beside it and renamed), so a killed build never looks like a model."""
+    out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return out_dir
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int,
+    pixel_stats: PixelStats = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+) -> Path:
+    """An untrained tiny model, saved into `out_dir`."""
+    return save(*build_tiny(cfg, corpus, seed, pixel_stats), out_dir)

@@ -1,0 +1,152 @@
+"""Pretraining of the tiny base's vision side: the embedded default's stand-in for CLIP.
+
+At paper scale the vision tower arrives pretrained (CLIP on web images) and the projector
+aligned; a tower initialised from a seed sees nothing, and SFT alone cannot teach it to tell
+a cross from a square in a few minutes of CPU time. So the `base` stage first trains the tiny
+tower on the world's own frames with the world's exact ground truth: every visible object
+marks its colour and its shape in the pooled cell (the grid of visual tokens the language
+model reads) that holds its centre. A linear probe on the pooled features learns both, and
+through it the tower learns to see. The probe is then dropped: what the language model gets
+is the tower, as with CLIP.
+
+The projector stays as initialised except for its output layer, which is shifted and scaled
+so that visual tokens are zero-mean and as long as the text embeddings: a fresh language
+model otherwise sees one large shared vector in every visual token and learns to ignore
+them (visual tokens with cosine similarity near 1 are what collapse looks like).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vlm_rlaif.config import VisionPretrainConfig
+from vlm_rlaif.synthetic.scene import COLOURS, SHAPES, Scene
+
+ATTRIBUTES = [*COLOURS, *SHAPES]
+
+
+def cell_targets(scene: Scene, grid: int) -> np.ndarray:
+    """Multi-hot [frames, grid, grid, colours + shapes]: each visible object's colour (at that
+    frame) and shape, in the cell holding its centre."""
+    cell = scene.frame_size / grid
+    out = np.zeros((scene.num_frames, grid, grid, len(ATTRIBUTES)), np.float32)
+    for obj in scene.objects:
+        shape = len(COLOURS) + SHAPES.index(obj.shape)
+        for t in range(*scene.span(obj)):
+            x, y = obj.track[t]
+            row, col = min(int(y // cell), grid - 1), min(int(x // cell), grid - 1)
+            out[t, row, col, list(COLOURS).index(scene.colour_at(obj, t))] = 1
+            out[t, row, col, shape] = 1
+    return out
+
+
+def pooled_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision tower features of single frames [B, 3, H, W] on the language model's token
+    grid: the configured layer, CLS dropped, pooled like the model pools video frames."""
+    config = model.config
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    patches = hidden[config.vision_feature_layer][:, 1:]
+    b, n, d = patches.shape
+    side = int(n**0.5)
+    grid = patches.transpose(1, 2).reshape(b, d, side, side)
+    pooled = F.avg_pool2d(grid, config.spatial_pool_stride)
+    return pooled.permute(0, 2, 3, 1)
+
+
+@dataclass
+class PretrainResult:
+    """Loss per step and the probe's accuracy on held-out frames (cells holding one object)."""
+
+    losses: list[float] = field(default_factory=list)
+    probe: dict[str, float] = field(default_factory=dict)
+
+
+def _pixels(processor, videos: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 [T, H, W, 3] videos -> normalised pixel values [videos, T, 3, H, W]."""
+    return processor.video_processor(videos=list(videos), return_tensors="pt")["pixel_values_videos"]
+
+
+def _visual_tokens(model, pixels: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Every visual token the language model would get for these videos, [tokens, hidden]."""
+    chunks = [model.get_video_features(pixel_values_videos=pixels[i : i + batch]).pooler_output for i in range(0, len(pixels), batch)]
+    return torch.cat([c.flatten(0, -2) for c in chunks])
+
+
+def pretrain_vision(
+    model, processor, videos: Sequence[np.ndarray], targets: Sequence[np.ndarray], cfg: VisionPretrainConfig, seed: int
+) -> PretrainResult:
+    """Train the vision tower (with a linear probe) to find each object's colour and shape;
+    the last `cfg.heldout` videos are kept out of training and measure the probe."""
+    held = max(1, round(len(videos) * cfg.heldout))
+    x = _pixels(processor, videos).flatten(0, 1)  # single frames
+    y = torch.from_numpy(np.concatenate(targets))
+    split = sum(len(v) for v in videos[:-held])
+    x_train, y_train, x_held, y_held = x[:split], y[:split], x[split:], y[split:]
+
+    tower = model.model.vision_tower
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(ATTRIBUTES))
+    params = [*tower.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.learning_rate, total_steps=cfg.steps, pct_start=0.05)
+    # An object fills one cell of 16 and marks 2 of 12 attributes there: positives are rare.
+    pos_weight = torch.tensor(4.0)
+    result = PretrainResult()
+    tower.train()
+    for _ in tqdm(range(cfg.steps), desc="vision pretraining", leave=False):
+        idx = torch.randint(len(x_train), (cfg.batch_size,), generator=generator)
+        logits = probe(pooled_features(model, x_train[idx]))
+        loss = F.binary_cross_entropy_with_logits(logits, y_train[idx], pos_weight=pos_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        result.losses.append(round(loss.item(), 5))
+    tower.eval()
+    result.probe = probe_accuracy(model, probe, x_held, y_held)
+    return result
+
+
+@torch.no_grad()
+def probe_accuracy(model, probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Colour and shape read off each cell that holds exactly one object."""
+    logits = torch.cat([probe(pooled_features(model, x[i : i + 256])) for i in range(0, len(x), 256)])
+    n = len(COLOURS)
+    single = y[..., :n].sum(-1) == 1
+    colour = logits[..., :n].argmax(-1) == y[..., :n].argmax(-1)
+    shape = logits[..., n:].argmax(-1) == y[..., n:].argmax(-1)
+    return {
+        "colour": round(colour[single].float().mean().item(), 4),
+        "shape": round(shape[single].float().mean().item(), 4),
+        "cells": int(single.sum()),
+    }
+
+
+@torch.no_grad()
+def centre_projector(model, processor, videos: Sequence[np.ndarray]) -> dict[str, float]:
+    """Shift and scale the projector's output layer: visual tokens of `videos` come out
+    zero-mean, with the mean norm of the text embeddings. Returns the tokens' mean cosine
+    similarity before and after (near 1 means the language model cannot tell them apart)."""
+    pixels = _pixels(processor, videos)
+    before = _visual_tokens(model, pixels)
+    out = model.model.multi_modal_projector.linear_2
+    out.bias -= before.mean(0)
+    centred = before - before.mean(0)
+    scale = model.get_input_embeddings().weight.norm(dim=-1).mean() / centred.norm(dim=-1).mean()
+    out.weight *= scale
+    out.bias *= scale
+    after = _visual_tokens(model, pixels)
+    return {"cosine_before": _mean_cosine(before), "cosine_after": _mean_cosine(after)}
+
+
+def _mean_cosine(tokens: torch.Tensor, sample: int = 2048) -> float:
+    unit = F.normalize(tokens[:sample], dim=-1)
+    return round((unit @ unit.T).mean().item(), 4)
