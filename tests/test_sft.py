@@ -62,6 +62,20 @@ def test_hard_stage_replays_easy_examples_and_batches_group_by_length():
     assert sum(len(set(b)) > 1 for b in batches) <= 3  # at most the one batch where a bucket ends, per bucket
 
 
+def test_packing_makes_one_conversation_per_video_with_one_placeholder():
+    def ask(i: int, video: str, question: str, answer: str) -> SFTRecord:
+        return SFTRecord(id=i, conversations=[Turn("human", f"<image>\n{question}"), Turn("gpt", answer)], images=[video])
+
+    records = [ask(0, "a.png", "What colour?", "Red."), ask(1, "b.png", "Moves?", "No."), ask(2, "a.png", "What shape?", "A cross.")]
+    packed = sft.pack_turns(records)
+    assert [r.images for r in packed] == [["a.png"], ["b.png"]]
+    assert [(t.speaker, t.value) for t in packed[0].conversations] == [
+        ("human", "<image>\nWhat colour?"), ("gpt", "Red."), ("human", "What shape?"), ("gpt", "A cross.")
+    ]
+    c = sft.build_curriculum(records, [], [], [], SFTConfig(pack_turns=True), seed=0)
+    assert c.sizes["easy"] == 2 and c.boundary == 2
+
+
 def test_collator_puts_the_loss_on_the_answer_only(built):
     _, processor = load_model_and_processor(built / "artifacts/base")
     record = read_sft(built / "artifacts/prepare/sft_easy.json").records[0]

@@ -179,6 +179,7 @@ class SFTConfig:
     caption_share: float = field(default=0.0, metadata=unit())
     judge_share: float = field(default=0.0, metadata=unit())
     replay_share: float = field(default=0.0, metadata=_check(0, 1))
+    pack_turns: bool = False  # the easy split's questions about one video as one conversation
     gradient_checkpointing: bool = False
     save_steps: int = field(default=100, metadata=positive())
     num_processes: int = field(default=1, metadata=positive())

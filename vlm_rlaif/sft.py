@@ -77,6 +77,23 @@ def _extras_size(share: float, others: float, n_sft: int) -> int:
     return round(share / (1 - share - others) * n_sft) if share else 0
 
 
+def pack_turns(records: list[SFTRecord]) -> list[SFTRecord]:
+    """One multi-turn conversation per video from all its single-question records (first-seen
+    order): the video is encoded once for every answer that trains on it. Only the first
+    human turn keeps the video placeholder, as in the release's multi-turn records."""
+    by_video: dict[tuple, list[SFTRecord]] = {}
+    for record in records:
+        by_video.setdefault((tuple(record.images or ()), record.video), []).append(record)
+    packed = []
+    for group in by_video.values():
+        turns = [*group[0].conversations]
+        for record in group[1:]:
+            first, *rest = record.conversations
+            turns += [dataclasses.replace(first, value=first.value.replace(data.PLACEHOLDER, "").strip()), *rest]
+        packed.append(dataclasses.replace(group[0], conversations=turns))
+    return packed
+
+
 def _length_bucket(record: SFTRecord, width: int = 256) -> int:
     """Text length in coarse steps: a short QA, a description or caption, a judge example."""
     return sum(len(turn.value) for turn in record.conversations) // width
@@ -105,6 +122,8 @@ def build_curriculum(
     if cfg.caption_share + cfg.judge_share >= 1:
         raise ValueError("sft.caption_share + sft.judge_share must be below 1")
     rng = np.random.default_rng(seed)
+    if cfg.pack_turns:
+        easy = pack_turns(easy)
     n_sft = len(easy) + len(hard)
     extras = []
     for pool, share, other in ((captions, cfg.caption_share, cfg.judge_share), (judge, cfg.judge_share, cfg.caption_share)):
