@@ -48,15 +48,12 @@ def cell_targets(scene: Scene, grid: int) -> np.ndarray:
 
 def pooled_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Vision tower features of single frames [B, 3, H, W] on the language model's token
-    grid: the configured layer, CLS dropped, pooled like the model pools video frames."""
-    config = model.config
+    grid [B, grid, grid, hidden]: the configured layer, CLS dropped, through the model's own
+    pooler (the projector is left out)."""
     hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-    patches = hidden[config.vision_feature_layer][:, 1:]
-    b, n, d = patches.shape
-    side = int(n**0.5)
-    grid = patches.transpose(1, 2).reshape(b, d, side, side)
-    pooled = F.avg_pool2d(grid, config.spatial_pool_stride)
-    return pooled.permute(0, 2, 3, 1)
+    pooled = model.model.vision_resampler(hidden[model.config.vision_feature_layer][:, 1:])
+    side = int(pooled.shape[1] ** 0.5)
+    return pooled.view(pooled.shape[0], side, side, pooled.shape[2])
 
 
 @dataclass
