@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
     "seed": 1,
     "world": {"seed": 5, "num_sft_videos": 6, "num_rl_videos": 2, "num_eval_videos": 2, "num_frames": 8,
-              "frame_size": 32, "judge_examples_per_video": 2, "questions_per_video": 2},
+              "frame_size": 32, "judge_examples_per_video": 2, "questions_per_video": 2,
+              "eval_questions_per_video": 2},
     "data": {"eval_video_root": "data/videos/synthetic_8frames", "num_frames": 4,
              "curriculum": {"threshold_words": 10, "quantile": None}},
     "base": {"tiny": {"image_size": 32, "patch_size": 8, "vision_hidden_size": 32, "vision_heads": 2,

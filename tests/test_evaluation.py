@@ -2,6 +2,7 @@
 and a real tiny model answers every question of a tiny world."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from vlm_rlaif.evaluation import (
     EvaluationError,
     answer_questions,
     oracle_description_scores,
+    blind_answers,
     oracle_short_accuracy,
 )
 from vlm_rlaif.modeling import load_model_and_processor
@@ -26,7 +28,7 @@ TINY = TinyModelConfig(
     image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, text_hidden_size=32,
     text_layers=2, text_heads=2, intermediate_size=64, vocab_size=400, max_position_embeddings=512,
 )
-WORLD = WorldConfig(seed=3, num_sft_videos=1, num_rl_videos=1, num_eval_videos=3, num_frames=8, frame_size=32, questions_per_video=3)
+WORLD = WorldConfig(seed=3, num_sft_videos=1, num_rl_videos=1, num_eval_videos=3, num_frames=8, frame_size=32, eval_questions_per_video=3)
 
 
 def hand_scene() -> Scene:
@@ -118,6 +120,26 @@ def test_the_worlds_own_references_score_perfectly(world):
     answers = [q.answer for q in temporal]
     assert oracle_description_scores(scenes, temporal, answers, kinds=TEMPORAL_KINDS)["perfect"] == 1.0
     assert oracle_description_scores(scenes, temporal, answers)["recall"] < 1.0  # they say nothing of motion
+
+
+def test_the_blind_baseline_gives_each_type_its_most_often_right_reference(world):
+    scenes = json.loads((world / "scenes.json").read_text())
+    short = read_zeroshot_qa(world / "eval" / "zeroshot_qa.json").records
+    blind = blind_answers(scenes, short)
+    for kind in {q.extra["type"] for q in short}:
+        members = [i for i, q in enumerate(short) if q.extra["type"] == kind]
+        group = [short[i] for i in members]
+        assert len({blind[i] for i in members}) == 1 and blind[members[0]] in {q.answer for q in group}
+        right = oracle_short_accuracy(scenes, group, [blind[members[0]]] * len(group))["correct"]
+        assert all(right >= oracle_short_accuracy(scenes, group, [q.answer] * len(group))["correct"] for q in group)
+    counts = [
+        ZeroShotQA(video_name=vid, question_id=vid, question="How many objects are in the video?",
+                   answer=f"{len(scene['objects'])}.", extra={"type": "count"})
+        for vid, scene in scenes.items()
+    ]
+    most = Counter(q.answer for q in counts).most_common(1)[0]
+    assert len({q.answer for q in counts}) > 1 and blind_answers(scenes, counts) == [most[0]] * len(counts)
+    assert oracle_short_accuracy(scenes, counts, blind_answers(scenes, counts))["accuracy"] == most[1] / len(counts)
 
 
 def test_a_tiny_model_answers_every_question_of_a_tiny_world(world, tiny):

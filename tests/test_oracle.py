@@ -4,7 +4,7 @@ reports, and short answers match whatever their wording."""
 import numpy as np
 import pytest
 
-from vlm_rlaif.synthetic.language import CORRUPTIONS, asks, clip_ranges, corrupt, describe
+from vlm_rlaif.synthetic.language import CORRUPTIONS, asks, clip_ranges, corrupt, describe, short_questions
 from vlm_rlaif.synthetic.oracle import score_answer, score_description
 from vlm_rlaif.synthetic.scene import Event, Scene, SceneObject, sample_scene
 
@@ -141,6 +141,18 @@ def test_every_generated_question_accepts_its_answer_and_rejects_its_wrong_one()
                 record = {"question": question, "answer": ask.answer}
                 assert score_answer(scene, record, ask.answer), (question, ask.answer)
                 assert not score_answer(scene, record, ask.wrong), (question, ask.wrong)
+
+
+def test_many_short_questions_are_distinct_and_spread_over_kinds():
+    for i, scene in enumerate(scenes(10, seed=4)):
+        kinds = {ask.type for ask in asks(scene, np.random.default_rng(i))}
+        few = short_questions(scene, np.random.default_rng(i), 3)
+        assert len(few) == 3 and len({qa.type for qa in few}) == 3
+        many = short_questions(scene, np.random.default_rng(i), 20)
+        assert len({qa.question for qa in many}) == len(many) <= 20
+        assert {qa.type for qa in many[: len(kinds)]} == kinds  # every kind once before any twice
+        for qa in many:
+            assert score_answer(scene, {"question": qa.question, "answer": qa.answer}, qa.answer)
 
 
 def test_bad_input_gets_a_clear_error():

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,17 @@ def test_curriculum_puts_every_easy_example_before_the_hard_stage():
     assert mixed.boundary is None and len(mixed.records) == 16 + 8
     ids = [r.id for r in mixed.records]
     assert min(i for i, x in enumerate(ids) if x >= 100) < max(i for i, x in enumerate(ids) if x < 100)  # not easy, then hard
+
+
+def test_easy_epochs_repeat_the_easy_split_only_in_either_order():
+    easy = [_record(i, "short") for i in range(10)]
+    hard = [_record(100 + i, "a long answer " * 5) for i in range(6)]
+    cfg = SFTConfig(epochs=1.0, easy_epochs=3.0)
+    c = sft.build_curriculum(easy, hard, [], [], cfg, seed=0)
+    assert c.boundary == 30 and len(c.records) == 36
+    assert Counter(r.id for r in c.records[:30]) == {i: 3 for i in range(10)}
+    mixed = sft.build_curriculum(easy, hard, [], [], SFTConfig(curriculum=False, epochs=1.0, easy_epochs=3.0), seed=0)
+    assert Counter(r.id for r in mixed.records) == Counter(r.id for r in c.records)
 
 
 def test_hard_stage_replays_easy_examples_and_batches_group_by_length():

@@ -99,6 +99,8 @@ def test_tokenizer_has_the_family_special_tokens(tiny):
         assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id or token == "<unk>"
         assert tokenizer(token, add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids(token)]
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    # the chat template's role markers are words of the vocabulary, not spelled out letter by letter
+    assert len(tokenizer.tokenize("USER: ASSISTANT:")) == 4
 
 
 def test_chat_template_renders_vicuna_v1(tiny):

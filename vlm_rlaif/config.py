@@ -54,7 +54,8 @@ class WorldConfig:
     max_objects: int = field(default=3, metadata=_check(1, 3))
     difficulty: float = field(default=0.5, metadata=unit())
     judge_examples_per_video: int = field(default=2, metadata=non_negative())
-    questions_per_video: int = field(default=4, metadata=positive())
+    questions_per_video: int = field(default=4, metadata=positive())  # SFT short questions per video
+    eval_questions_per_video: int = field(default=4, metadata=positive())
     num_clips: int = field(default=3, metadata=positive())
 
     def validate(self, key: str) -> None:
@@ -165,10 +166,12 @@ class LoraConfig:
 
 @dataclass
 class SFTConfig:
-    """Curriculum SFT: the easy split, then the hard split, `epochs` each."""
+    """Curriculum SFT: the easy split, then the hard split, `epochs` each (`easy_epochs`, if
+    set, for the easy split)."""
 
     curriculum: bool = True
     epochs: float = field(default=1.0, metadata=positive())
+    easy_epochs: float | None = field(default=None, metadata=positive())
     learning_rate: float = field(default=1e-4, metadata=positive())
     lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_ratio: float = field(default=0.03, metadata=_check(0, 1))

@@ -123,6 +123,24 @@ def oracle_short_accuracy(scenes: Mapping[str, Scene | Mapping], questions: Sequ
     return {**_accuracy(right), "by_type": {kind: _accuracy(by_type[kind]) for kind in sorted(by_type)}}
 
 
+def blind_answers(scenes: Mapping[str, Scene | Mapping], questions: Sequence[ZeroShotQA]) -> list[str]:
+    """The answers of a model that never looks at the video: per question type, the one
+    reference answer of that type that is right most often, given to every question of the
+    type. Scored like a model's answers, it is the floor that accuracy must clear to show
+    the model reads the video (it knows the answer counts of the very questions it answers,
+    so no video-blind model does better by a constant)."""
+    groups: dict[str, list[int]] = {}
+    for i, question in enumerate(questions):
+        groups.setdefault(str(question.extra.get("type", "")), []).append(i)
+    answers = [""] * len(questions)
+    for members in groups.values():
+        group = [questions[i] for i in members]
+        best = max(sorted({q.answer for q in group}), key=lambda a: sum(score_short_answers(scenes, group, [a] * len(group))))
+        for i in members:
+            answers[i] = best
+    return answers
+
+
 def _accuracy(right: list[bool]) -> dict:
     return {"accuracy": sum(right) / len(right), "correct": sum(right), "count": len(right)}
 

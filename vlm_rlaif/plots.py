@@ -49,3 +49,18 @@ def loss_curve(ax, log_history: list[dict], boundary_step: int | None) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
+
+
+def accuracy_by_type(ax, results: dict[str, dict]) -> None:
+    """Short-question accuracy per question type, one bar per result (oracle_short_accuracy's
+    output, by name), the overall accuracy in the legend."""
+    kinds = sorted({kind for result in results.values() for kind in result["by_type"]})
+    width = 0.8 / max(1, len(results))
+    x = np.arange(len(kinds))
+    for i, (name, result) in enumerate(results.items()):
+        values = [result["by_type"].get(kind, {}).get("accuracy", 0.0) for kind in kinds]
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width, label=f"{name} ({result['accuracy']:.2f})")
+    ax.set_xticks(x, kinds, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("oracle accuracy")
+    ax.legend(fontsize=8)

@@ -5,9 +5,12 @@ training run over one ordered list (so a single learning-rate schedule spans the
 crash anywhere resumes from the last checkpoint); `sft.curriculum: false` shuffles the two
 together for the ablation. `sft.replay_share` draws part of the hard stage from the easy
 split again: a language model trained from scratch otherwise forgets to stop after a short
-answer (a 7B LLM keeps that from pretraining; zero in the paper profile). The embedded default also mixes the world's clip-caption and
-judge examples into the hard stage (`caption_share`, `judge_share`): the abilities the
-preferences stage asks of the SFT model, which a pretrained LLM brings at paper scale.
+answer (a 7B LLM keeps that from pretraining; zero in the paper profile). The embedded
+default also mixes the world's clip-caption and judge examples into the hard stage
+(`caption_share`, `judge_share`): the abilities the preferences stage asks of the SFT model,
+which a pretrained LLM brings at paper scale. And it packs each video's questions into one
+conversation (`pack_turns`) and passes over the easy split many times (`easy_epochs`):
+a language model from scratch needs that many answers before it reads the video at all.
 
 Training is transformers' `Trainer` with this package's video collator (trl's SFTTrainer
 expects its own image-message format and collator, not video conversations in the release
@@ -131,12 +134,15 @@ def build_curriculum(
         extras.append([pool[i] for i in sorted(rng.permutation(len(pool))[:n])])
     stage2 = hard + extras[0] + extras[1]
     sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1])}
+    easy_epochs = cfg.epochs if cfg.easy_epochs is None else cfg.easy_epochs
     if not cfg.curriculum:
-        return Curriculum(_grouped_by_length(_epochs(easy + stage2, cfg.epochs, rng), cfg.batch_size, rng), None, sizes)
+        mixed = _epochs(easy, easy_epochs, rng) + _epochs(stage2, cfg.epochs, rng)
+        mixed = [mixed[i] for i in rng.permutation(len(mixed))]
+        return Curriculum(_grouped_by_length(mixed, cfg.batch_size, rng), None, sizes)
     n_replay = min(len(easy), _extras_size(cfg.replay_share, 0.0, len(stage2)))
     replay = [easy[i] for i in sorted(rng.permutation(len(easy))[:n_replay])]
     sizes["replay"] = len(replay)
-    first = _grouped_by_length(_epochs(easy, cfg.epochs, rng), cfg.batch_size, rng)
+    first = _grouped_by_length(_epochs(easy, easy_epochs, rng), cfg.batch_size, rng)
     second = _grouped_by_length(_epochs(stage2 + replay, cfg.epochs, rng), cfg.batch_size, rng)
     return Curriculum(first + second, len(first), sizes)
 

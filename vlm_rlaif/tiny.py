@@ -9,7 +9,7 @@ result is saved with `save_pretrained`, so every later stage loads it by path ex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -63,6 +63,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+ROLE_MARKERS = "USER: ASSISTANT:"
+
+
+def with_role_markers(corpus: Iterable[str]) -> Iterator[str]:
+    """The corpus, each text followed by the chat template's role markers: the markers are in
+    every turn the model reads, and a tokenizer that never saw them spells "ASSISTANT:" a
+    letter at a time (ten tokens a turn, more than most questions)."""
+    for text in corpus:
+        yield text
+        yield ROLE_MARKERS
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
@@ -94,7 +104,7 @@ def build_processor(
     nearly parallel (cosine > 0.97), and the language model cannot learn to read them.
     """
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(corpus, cfg.vocab_size, SPECIAL_TOKENS),
+        tokenizer_object=train_tokenizer(with_role_markers(corpus), cfg.vocab_size, SPECIAL_TOKENS),
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,

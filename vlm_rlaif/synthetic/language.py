@@ -337,11 +337,20 @@ def _wrong_name(scene: Scene, obj: SceneObject, rng: np.random.Generator) -> str
 
 
 def short_questions(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
-    """n short questions of different kinds (fewer if the scene has fewer kinds), each in a
-    randomly chosen phrasing."""
-    options = asks(scene, rng)
-    chosen = rng.choice(len(options), size=min(n, len(options)), replace=False)
-    return [QA(options[i].type, _pick(rng, options[i].phrasings), options[i].answer, options[i].wrong) for i in chosen]
+    """n distinct short questions, each in a randomly chosen phrasing. Kinds are spread evenly:
+    every kind that fits the scene once (in random order) before any kind twice; fewer than n
+    if the scene runs out of distinct questions."""
+    out: list[QA] = []
+    asked: set[str] = set()
+    for _ in range(n):
+        fresh = [ask for ask in asks(scene, rng) if ask.phrasings[0] not in asked]
+        for i in rng.choice(len(fresh), size=min(n - len(out), len(fresh)), replace=False):
+            ask = fresh[i]
+            asked.add(ask.phrasings[0])
+            out.append(QA(ask.type, _pick(rng, ask.phrasings), ask.answer, ask.wrong))
+        if len(out) == n:
+            break
+    return out
 
 
 def consistency_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:

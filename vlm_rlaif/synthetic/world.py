@@ -120,7 +120,7 @@ def _rl_video(scene: Scene, images: list[str], rng: np.random.Generator, files: 
 
 def _eval_video(cfg: WorldConfig, scene: Scene, rng: np.random.Generator, files: dict) -> None:
     vid = scene.video_id
-    for i, qa in enumerate(short_questions(scene, rng, cfg.questions_per_video)):
+    for i, qa in enumerate(short_questions(scene, rng, cfg.eval_questions_per_video)):
         files["eval/zeroshot_qa.json"].append({"video_name": vid, "question_id": f"{vid}_{i}", "question": qa.question, "answer": qa.answer, "type": qa.type})
     description = describe(scene)
     files["eval/generic_qa.json"].append({"video_name": vid, "Q": generic_question(rng), "A": description.text()})
