@@ -1,4 +1,5 @@
-"""A tiny project for stage tests: params, a generated world, and (once per module) its base model."""
+"""A tiny project for stage tests (params, a generated world, and once per module its base
+model), and a tiny VLM on a few sentences for the tests of model-level code."""
 
 import shutil
 from pathlib import Path
@@ -7,8 +8,10 @@ import pytest
 import yaml
 
 from vlm_rlaif import base, prepare
-from vlm_rlaif.config import load_params
+from vlm_rlaif.config import TinyModelConfig, load_params
+from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.synthetic.world import generate_world
+from vlm_rlaif.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +58,22 @@ def built(tmp_path_factory):
         prepare.run(params)
         base.materialise(params, prepare.OUT)
     return root
+
+
+TINY_CORPUS = [
+    "The video shows two objects. A red circle moves from left to right. A blue square stays still.",
+    "What colour is the triangle? Green. How many objects are in the video? Three.",
+    "Describe the video in detail. First, the yellow star enters. Then the green cross leaves.",
+    "Response A: Green. Response B: Three. Which response is better? Answer with one letter, A or B.",
+] * 10
+TINY_VLM = TinyModelConfig(
+    image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, text_hidden_size=32,
+    text_layers=2, text_heads=2, intermediate_size=64, vocab_size=400, max_position_embeddings=512,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """(model, processor) of a tiny LLaVA-NeXT-Video on TINY_CORPUS, built once per session."""
+    path = build_tiny_model(TINY_VLM, TINY_CORPUS, tmp_path_factory.mktemp("tiny_vlm") / "model", seed=0)
+    return load_model_and_processor(path)

@@ -4,28 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_rlaif.config import TinyModelConfig
 from vlm_rlaif.generation import GenerationError, encode_videos, generate, generate_sequences, with_features
-from vlm_rlaif.modeling import build_inputs, load_model_and_processor
-from vlm_rlaif.tiny import build_tiny_model
+from vlm_rlaif.modeling import build_inputs
 
-CORPUS = [
-    "The video shows two objects. A red circle moves from left to right. A blue square stays still.",
-    "What colour is the triangle? Green. How many objects are in the video? Three.",
-    "Describe the video in detail. First, the yellow star enters. Then the green cross leaves.",
-] * 10
-TINY = TinyModelConfig(
-    image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, text_hidden_size=32,
-    text_layers=2, text_heads=2, intermediate_size=64, vocab_size=400, max_position_embeddings=512,
-)
 FRAMES = 4
 QUESTIONS = ["What moves?", "Describe the video in detail, from the first frame to the last.", "How many objects are in the video?"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = build_tiny_model(TINY, CORPUS, tmp_path_factory.mktemp("base") / "model", seed=0)
-    return load_model_and_processor(path)
 
 
 def prompts(n: int = 3) -> tuple[list[np.ndarray], list[list[dict]]]:
@@ -38,16 +21,16 @@ def ids(generations) -> list[list[list[int]]]:
 
 
 @pytest.fixture
-def frames_seen(tiny):
+def frames_seen(tiny_vlm):
     """Frames through the vision tower, one entry per call."""
     seen: list[int] = []
-    hook = tiny[0].model.vision_tower.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    hook = tiny_vlm[0].model.vision_tower.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     yield seen
     hook.remove()
 
 
-def test_greedy_batch_equals_one_prompt_at_a_time(tiny):
-    model, processor = tiny
+def test_greedy_batch_equals_one_prompt_at_a_time(tiny_vlm):
+    model, processor = tiny_vlm
     videos, conversations = prompts(3)
     one = [generate_sequences(model, processor, [v], [c], max_new_tokens=8)[0] for v, c in zip(videos, conversations)]
     for batch_size in (2, 3):
@@ -59,8 +42,8 @@ def test_greedy_batch_equals_one_prompt_at_a_time(tiny):
     assert texts == [[group[0].text] for group in one]
 
 
-def test_sampling_is_reproducible_under_a_seed_and_returns_n_per_prompt(tiny):
-    model, processor = tiny
+def test_sampling_is_reproducible_under_a_seed_and_returns_n_per_prompt(tiny_vlm):
+    model, processor = tiny_vlm
     videos, conversations = prompts(2)
 
     def sample(seed: int):
@@ -78,8 +61,8 @@ def test_sampling_is_reproducible_under_a_seed_and_returns_n_per_prompt(tiny):
         generate(model, processor, videos, conversations, max_new_tokens=4, num_return_sequences=2)
 
 
-def test_max_new_tokens_and_eos_flag(tiny, monkeypatch):
-    model, processor = tiny
+def test_max_new_tokens_and_eos_flag(tiny_vlm, monkeypatch):
+    model, processor = tiny_vlm
     videos, conversations = prompts(2)
     plain = generate_sequences(model, processor, videos, conversations, max_new_tokens=6)
     for group in plain:
@@ -96,8 +79,8 @@ def test_max_new_tokens_and_eos_flag(tiny, monkeypatch):
     assert not row0.token_ids.is_inference()  # PPO feeds the ids to a forward pass it backpropagates
 
 
-def test_encode_once_matches_the_plain_path_and_skips_the_vision_tower(tiny, frames_seen):
-    model, processor = tiny
+def test_encode_once_matches_the_plain_path_and_skips_the_vision_tower(tiny_vlm, frames_seen):
+    model, processor = tiny_vlm
     videos, conversations = prompts(3)
     frames = frames_seen
     torch.manual_seed(0)
@@ -124,8 +107,8 @@ def test_encode_once_matches_the_plain_path_and_skips_the_vision_tower(tiny, fra
         with_features(inputs, features[:2])
 
 
-def test_generation_leaves_the_model_in_its_mode(tiny):
-    model, processor = tiny
+def test_generation_leaves_the_model_in_its_mode(tiny_vlm):
+    model, processor = tiny_vlm
     videos, conversations = prompts(1)
     model.train()
     try:
