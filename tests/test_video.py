@@ -13,6 +13,7 @@ from PIL import Image
 from vlm_rlaif.video import (
     VideoError,
     list_frames,
+    load_clips,
     load_video,
     natural_key,
     resolve_video,
@@ -112,6 +113,18 @@ def test_split_clips_paper_setting():
 def test_split_clips_rejects_impossible_splits(total, num_clips, max_clip_frames):
     with pytest.raises(ValueError):
         split_clips(total, num_clips, max_clip_frames)
+
+
+def test_clips_of_a_frame_folder_and_of_a_video_file_cover_it_in_order(frame_folder, mp4):
+    clips = load_clips(frame_folder, 3, 20, 2)
+    assert [frame_ids(c) for c in clips] == [[0, 3], [4, 7], [8, 11]]  # 12 frames: clips 0-3, 4-7, 8-11
+    assert [frame_ids(c) for c in load_clips(frame_folder, 2, 3, 3)] == [[0, 2, 5], [6, 8, 11]]  # at most 3 frames a clip
+    listed = sorted(frame_folder.glob("*.png"), key=lambda p: int(p.stem.split("_")[1]))
+    assert [frame_ids(c) for c in load_clips(listed, 3, 20, 2)] == [[0, 3], [4, 7], [8, 11]]
+    decoded = load_clips(mp4, 2, 5, 5)  # 10 frames spread over 20, then halves
+    assert [frame_ids(c) for c in decoded] == [sample_indices(NUM_FRAMES, 10)[:5].tolist(), sample_indices(NUM_FRAMES, 10)[5:].tolist()]
+    with pytest.raises(VideoError, match="2 frames cannot make 3 clips"):
+        load_clips(listed[:2], 3, 20, 2)
 
 
 # --------------------------------------------------------------------------- video files

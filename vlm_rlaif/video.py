@@ -140,6 +140,25 @@ def load_video(source: VideoSource, num_frames: int, backend: Backend = "auto") 
     return _read_images([frames[i] for i in sample_indices(len(frames), num_frames)])
 
 
+def load_clips(source: VideoSource, num_clips: int, max_clip_frames: int, num_frames: int, backend: Backend = "auto") -> list[np.ndarray]:
+    """The video cut by `split_clips` into consecutive clips, each as `num_frames` frames
+    sampled over its span: the input the SFT model captions clip by clip. Frame folders and
+    lists are cut by their frames (as the world's clip-caption examples are); a video file
+    is first decoded to num_clips * max_clip_frames frames spread over its whole length."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        decoded = _read_video_file(Path(source), num_clips * max_clip_frames, backend)
+        return [decoded[clip][sample_indices(len(clip), num_frames)] for clip in split_clips(len(decoded), num_clips, max_clip_frames)]
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).is_dir():
+            raise VideoError(f"{source}: no such video file or frame folder")
+        frames = list_frames(source)
+    else:
+        frames = [Path(p) for p in source]
+    if len(frames) < num_clips:
+        raise VideoError(f"{source if isinstance(source, (str, os.PathLike)) else frames[0].parent}: {len(frames)} frames cannot make {num_clips} clips")
+    return [load_video([frames[i] for i in clip], num_frames) for clip in split_clips(len(frames), num_clips, max_clip_frames)]
+
+
 def _read_images(paths: list[Path]) -> np.ndarray:
     """Decode each distinct frame once, then stack (repeats share one decode)."""
     decoded: dict[Path, np.ndarray] = {}
