@@ -125,6 +125,8 @@ def test_clips_of_a_frame_folder_and_of_a_video_file_cover_it_in_order(frame_fol
     assert [frame_ids(c) for c in decoded] == [sample_indices(NUM_FRAMES, 10)[:5].tolist(), sample_indices(NUM_FRAMES, 10)[5:].tolist()]
     with pytest.raises(VideoError, match="2 frames cannot make 3 clips"):
         load_clips(listed[:2], 3, 20, 2)
+    with pytest.raises(VideoError, match="frame list: 0 frames"):
+        load_clips([], 1, 20, 2)
 
 
 # --------------------------------------------------------------------------- video files

@@ -155,7 +155,8 @@ def load_clips(source: VideoSource, num_clips: int, max_clip_frames: int, num_fr
     else:
         frames = [Path(p) for p in source]
     if len(frames) < num_clips:
-        raise VideoError(f"{source if isinstance(source, (str, os.PathLike)) else frames[0].parent}: {len(frames)} frames cannot make {num_clips} clips")
+        where = source if isinstance(source, (str, os.PathLike)) else (frames[0].parent if frames else "frame list")
+        raise VideoError(f"{where}: {len(frames)} frames cannot make {num_clips} clips")
     return [load_video([frames[i] for i in clip], num_frames) for clip in split_clips(len(frames), num_clips, max_clip_frames)]
 
 

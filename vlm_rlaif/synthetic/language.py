@@ -17,6 +17,7 @@ from typing import Iterable, NamedTuple, Sequence, TypeVar
 import numpy as np
 
 from vlm_rlaif.synthetic.scene import COLOURS, MOTIONS, SHAPES, Scene, SceneObject
+from vlm_rlaif.video import split_clips
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 MOTION_PHRASES = {
@@ -169,11 +170,9 @@ def check_frames(scene: Scene, frames: tuple[int, int] | None) -> tuple[int, int
 
 
 def clip_ranges(num_frames: int, num_clips: int) -> list[tuple[int, int]]:
-    """Split frames 0..num_frames into num_clips consecutive clips of near-equal length."""
-    if not 1 <= num_clips <= num_frames:
-        raise ValueError(f"cannot split {num_frames} frames into {num_clips} clips")
-    bounds = np.linspace(0, num_frames, num_clips + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    """Frames [start, end) of each clip, cut exactly as `video.split_clips` cuts a video for
+    the preferences stage, so the world's clip captions describe the clips the SFT model sees."""
+    return [(int(clip[0]), int(clip[-1]) + 1) for clip in split_clips(num_frames, num_clips)]
 
 
 def describe(scene: Scene, frames: tuple[int, int] | None = None) -> Description:
