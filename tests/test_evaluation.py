@@ -14,6 +14,7 @@ from vlm_rlaif.evaluation import (
     EvaluationError,
     answer_questions,
     oracle_description_scores,
+    oracle_preference,
     blind_answers,
     oracle_short_accuracy,
 )
@@ -98,6 +99,26 @@ def test_description_scores_of_a_reference_and_of_known_mistakes():
     assert temporal["recall"] == pytest.approx((1 + 2 / 3) / 2) and temporal["hallucinated_per_answer"] == 0.5
     # scored on every kind, the events name both objects but miss the count and both motions
     assert oracle_description_scores(scenes, [question], [events])["recall"] == pytest.approx(7 / 10)
+
+
+def test_oracle_preference_follows_each_prompt_kinds_score():
+    scene = hand_scene()
+    reference = describe(scene).text()
+    wrong_motion = reference.replace("moves from left to right", "moves from right to left")
+    ask = "Describe this video in detail."
+    assert oracle_preference(scene, "describe", ask, reference, reference, wrong_motion) == 1
+    assert oracle_preference(scene, "generic", ask, reference, wrong_motion, reference) == 2
+    assert oracle_preference(scene, "describe", ask, reference, wrong_motion, wrong_motion + " ") is None
+    # a temporal question is scored on events and order: a wrong motion does not count there
+    events = "First, the red circle turns green. Then the blue square enters."
+    swapped = "First, the blue square enters. Then the red circle turns green."
+    assert oracle_preference(scene, "temporal", "What happens first?", events, swapped, events) == 2
+    assert oracle_preference(scene, "temporal", "What happens first?", events, wrong_motion, reference) is None
+    question = "What colour is the square?"
+    assert oracle_preference(scene, "short", question, "Blue.", "It is blue.", "Red.") == 1
+    assert oracle_preference(scene, "short", question, "Blue.", "Green.", "Red.") is None
+    with pytest.raises(EvaluationError, match="unknown prompt kind 'poem'"):
+        oracle_preference(scene, "poem", question, "Blue.", "Blue.", "Red.")
 
 
 def test_mismatched_inputs_name_the_question():

@@ -12,6 +12,7 @@ import pytest
 
 from vlm_rlaif import prompts
 from vlm_rlaif.config import ConfigError, WorldConfig
+from vlm_rlaif.evaluation import PROMPT_KINDS
 from vlm_rlaif.synthetic.language import describe
 from vlm_rlaif.synthetic.oracle import score_description
 from vlm_rlaif.synthetic.render import render, shape_mask
@@ -76,7 +77,8 @@ def test_files_follow_the_release_layout(world):
             else:
                 assert r["images"] == frame_paths(vid)
     rl = load(world, "RL_data.json")
-    assert [r["uid"] for r in rl] == list(range(len(rl))) and all(set(r) == {"conversations", "images", "uid"} for r in rl)
+    assert [r["uid"] for r in rl] == list(range(len(rl))) and all(set(r) == {"conversations", "images", "uid", "type"} for r in rl)
+    assert [r["type"] for r in rl[::2]] == ["describe"] * len(splits["rl"]) and {r["type"] for r in rl} <= set(PROMPT_KINDS)
     assert {r["images"][0].split("/")[1] for r in rl} == set(splits["rl"])
     for name, keys in (
         ("eval/zeroshot_qa.json", {"video_name", "question_id", "question", "answer", "type"}),

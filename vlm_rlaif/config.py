@@ -179,9 +179,11 @@ class SFTConfig:
     grad_accum: int = field(default=1, metadata=positive())
     max_length: int = field(default=2048, metadata=positive())
     lora: LoraConfig | None = None
-    caption_share: float = field(default=0.0, metadata=unit())
+    # The world's extra examples, as a share of the stage they join: judge examples (one-letter
+    # answers) of the easy stage, clip captions and replayed easy examples of the hard stage.
     judge_share: float = field(default=0.0, metadata=unit())
-    replay_share: float = field(default=0.0, metadata=_check(0, 1))
+    caption_share: float = field(default=0.0, metadata=unit())
+    replay_share: float = field(default=0.0, metadata=unit())
     pack_turns: bool = False  # the easy split's questions about one video as one conversation
     gradient_checkpointing: bool = False
     save_steps: int = field(default=100, metadata=positive())
@@ -191,8 +193,9 @@ class SFTConfig:
     train_projector: bool = True
 
     def validate(self, key: str) -> None:
-        if self.replay_share >= 1:
-            raise ConfigError(f"{key}.replay_share: {self.replay_share} must be below 1")
+        for name in ("judge_share", "caption_share", "replay_share"):
+            if getattr(self, name) >= 1:
+                raise ConfigError(f"{key}.{name}: {getattr(self, name)} must be below 1 (it is a share of a stage)")
         if self.lora is not None and self.train_vision_tower:
             raise ConfigError(f"{key}.train_vision_tower: LoRA SFT trains the language model (and the projector) only")
 

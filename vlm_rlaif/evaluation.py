@@ -24,6 +24,8 @@ from vlm_rlaif.synthetic.scene import Scene
 from vlm_rlaif.video import VideoError, load_video, resolve_video
 
 TEMPORAL_KINDS = ("event", "order")
+# What an RL prompt asks for, and so how the oracle scores a response to it.
+PROMPT_KINDS = ("describe", "generic", "temporal", "short")
 
 
 class EvaluationError(ValueError):
@@ -169,3 +171,22 @@ def oracle_description_scores(
         "perfect": sum(not s.missed_facts and not s.hallucinated for s in scores) / n,
         "count": n,
     }
+
+
+def oracle_score(scene: Scene | Mapping, kind: str, question: str, reference: str, response: str) -> float:
+    """How right one response to a prompt is, on one scale per kind: a short answer is 1 or 0,
+    a description its fact F1 (event and order facts alone for a temporal question)."""
+    if kind == "short":
+        return float(score_answer(scene, {"question": question, "answer": reference}, response))
+    if kind in ("describe", "generic"):
+        return score_description(scene, response).f1
+    if kind == "temporal":
+        return score_description(scene, response, kinds=TEMPORAL_KINDS).f1
+    raise EvaluationError(f"unknown prompt kind {kind!r}; known: {', '.join(PROMPT_KINDS)}")
+
+
+def oracle_preference(scene: Scene | Mapping, kind: str, question: str, reference: str, first: str, second: str) -> int | None:
+    """1 if the oracle scores the first response higher, 2 if the second, None on a tie: the
+    verdict a judge's preference is measured against."""
+    a, b = (oracle_score(scene, kind, question, reference, r) for r in (first, second))
+    return None if a == b else 1 if a > b else 2

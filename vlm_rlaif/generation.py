@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlm_rlaif.data import PLACEHOLDER
 from vlm_rlaif.modeling import ConversationError, build_inputs
 
 PIXEL_KEYS = ("pixel_values_videos",)  # what precomputed features replace; grid sizes etc. stay
@@ -80,6 +81,17 @@ def with_features(inputs: Mapping, features: Sequence[torch.Tensor]) -> dict:
     kwargs = {k: v for k, v in inputs.items() if k not in PIXEL_KEYS}
     kwargs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=list(features))}
     return kwargs
+
+
+def encode_video_list(model: PreTrainedModel, processor: ProcessorMixin, videos: Sequence[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
+    """`encode_videos` over a list of frame arrays, in batches: the features a stage computes
+    once per video and hands to every later call on it."""
+    asked = [{"from": "human", "value": PLACEHOLDER}]
+    features: list[torch.Tensor] = []
+    for start in range(0, len(videos), batch_size):
+        batch = list(videos[start : start + batch_size])
+        features.extend(encode_videos(model, build_inputs(processor, batch, [asked] * len(batch), add_generation_prompt=True)))
+    return features
 
 
 # --------------------------------------------------------------------------- generate

@@ -1,18 +1,20 @@
-"""Atomic file writes and JSON/JSONL helpers.
+"""Atomic file writes, JSON/JSONL helpers, and the stamps that make partial runs resumable.
 
 Every file a stage produces goes through here, so a killed stage never leaves a
-half-written file that a rerun (or DVC) would mistake for a finished one.
+half-written file that a rerun (or DVC) would mistake for a finished one; and a stage's
+partial results (checkpoints, shards) are reused only by a run with the same stamp.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 
 _UMASK = os.umask(0)
@@ -102,3 +104,31 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {lineno}: invalid JSON: {e.msg}") from None
     return rows
+
+
+def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], inputs: Iterable[str | os.PathLike], models: Iterable[str | os.PathLike] = ()) -> str:
+    """A short hash of what a resumable run's results depend on: the source files that compute
+    them, the settings, the content of the input files (a missing one hashes as absent), and
+    the files of each model folder it loads (by name and size: weights are too big to read)."""
+    h = hashlib.sha256()
+    for path in code:
+        h.update(Path(path).read_bytes())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in map(Path, inputs):
+        h.update(path.name.encode() + (hashlib.md5(path.read_bytes()).digest() if path.is_file() else b"-"))
+    for folder in map(Path, models):
+        for path in sorted(folder.iterdir()):
+            h.update(f"{path.name}:{path.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def claim(folder: str | os.PathLike, stamp: str) -> Path:
+    """Make `folder` the home of the run stamped `stamp`: what it holds is kept only if a run
+    with the same stamp wrote it, so no run resumes from another's partial results."""
+    folder = Path(folder)
+    run = folder / "run.json"
+    if folder.exists() and (not run.is_file() or read_json(run).get("fingerprint") != stamp):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(run, {"fingerprint": stamp})
+    return folder

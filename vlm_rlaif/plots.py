@@ -64,3 +64,33 @@ def accuracy_by_type(ax, results: dict[str, dict]) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("oracle accuracy")
     ax.legend(fontsize=8)
+
+
+def feedback_quality(ax_judge, ax_captions, quality: dict) -> None:
+    """The judge with and without the clip-caption context, side by side (agreement with the
+    oracle on all judged pairs and on the kept ones, order consistency, share kept, chance
+    dashed at 0.5); and the context itself: clip captions against their clips next to the
+    whole-video description against the whole video."""
+    measures = {"agreement": "agreement", "agreement (kept)": "agreement_kept", "consistent orders": "consistency", "kept": "kept_fraction"}
+    judges = quality["judges"]
+    width = 0.8 / max(1, len(judges))
+    x = np.arange(len(measures))
+    for i, (name, judge) in enumerate(judges.items()):
+        values = [judge[key] if judge[key] is not None else 0.0 for key in measures.values()]
+        ax_judge.bar(x + (i - (len(judges) - 1) / 2) * width, values, width, label=name.replace("_", " "))
+    ax_judge.axhline(0.5, color="black", linestyle="--", linewidth=1)
+    ax_judge.set_xticks(x, list(measures), fontsize=8)
+    ax_judge.set_ylim(0, 1)
+    ax_judge.set_title("judge vs oracle", fontsize=9)
+    ax_judge.legend(fontsize=8)
+    captions = quality.get("captions")
+    if not captions:
+        ax_captions.set_axis_off()
+        return
+    x = np.arange(2)
+    for i, (name, label) in enumerate((("clip", "each clip caption"), ("video", "whole-video description"))):
+        ax_captions.bar(x + (i - 0.5) * 0.4, [captions[name]["precision"], captions[name]["f1"]], 0.4, label=label)
+    ax_captions.set_xticks(x, ["fact precision", "fact F1"], fontsize=8)
+    ax_captions.set_ylim(0, 1)
+    ax_captions.set_title("context: SFT captions vs oracle", fontsize=9)
+    ax_captions.legend(fontsize=8)

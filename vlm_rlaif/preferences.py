@@ -1,20 +1,43 @@
 """Context-aware AI preferences: the SFT model answers each RL prompt twice, captions the
 video's clips, and judges which answer is better with the captions as context.
 
-This module holds the responses A and B (`sample_pairs`); the clip captions live in
-`context.py` and the judge in `judge.py`.
+The responses A and B are drawn here (`sample_pairs`); the clip captions live in
+`context.py` and the judge in `judge.py`. `prefer_shard` runs the three steps on a shard of
+prompts, encoding each video once for all of them (DESIGN.md decision 8); `run` is the stage,
+shard by shard, resumable; `feedback_quality` measures the result against the synthetic
+world's oracle.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import sys
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
-from vlm_rlaif.generation import generate
+from vlm_rlaif import context, generation, io, judge, modeling, prepare, prompts, video
+from vlm_rlaif.config import Params, PreferencesConfig
+from vlm_rlaif.data import PLACEHOLDER, PreferenceRecord, RLPrompt, read_rl_prompts, write_records
+from vlm_rlaif.evaluation import oracle_preference
+from vlm_rlaif.generation import encode_video_list, generate
+from vlm_rlaif.judge import Verdict, judge_pairs, select
+from vlm_rlaif.modeling import load_model_and_processor
+from vlm_rlaif.synthetic.language import clip_ranges
+from vlm_rlaif.synthetic.oracle import score_description
+from vlm_rlaif.video import load_clips, load_video
+
+OUT = Path("artifacts/preferences")
+SHARDS = Path("artifacts/checkpoints/preferences")
+JUDGES = ("context", "no_context")
+DROP_REASONS = ("identical", "inconsistent", "low_margin")
 
 
 @dataclass
@@ -62,3 +85,225 @@ def sample_pairs(
         for i, pair in zip(equal, draw(equal)):
             pairs[i] = pair
     return Pairs([pair if pair[0].strip() != pair[1].strip() else None for pair in pairs], resampled)
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+def shard_prompts(rl_prompts: Sequence[RLPrompt], shard_size: int) -> list[list[int]]:
+    """Prompt indices per shard, about `shard_size` each, a video's prompts always in one
+    shard (so each video is encoded and captioned once), videos in order of first use."""
+    by_video: dict[str, list[int]] = {}
+    for i, prompt in enumerate(rl_prompts):
+        by_video.setdefault(json.dumps(prompt.images or prompt.video), []).append(i)
+    shards: list[list[int]] = []
+    for indices in by_video.values():
+        if not shards or len(shards[-1]) + len(indices) > shard_size:
+            shards.append([])
+        shards[-1].extend(indices)
+    return shards
+
+
+def _reading(verdict: Verdict) -> dict:
+    return {"first_as_a": verdict.first_as_a, "first_as_b": verdict.first_as_b, "label_mass": verdict.label_mass}
+
+
+def prefer_shard(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    shard: Sequence[RLPrompt],
+    cfg: PreferencesConfig,
+    *,
+    video_root: str | os.PathLike,
+    num_frames: int,
+) -> tuple[list[dict], int]:
+    """Context-aware AI feedback on one shard of prompts: two responses each, the clip
+    captions of each video (and its whole-video description, to compare them with), and the
+    judge's verdict in both orders with the context and without it (the ablation costs one
+    forward pass per order). Returns one judged record per prompt, `dropped` naming why a
+    pair is not kept, and how many pairs were drawn again."""
+    media: list = []
+    video_of: list[int] = []
+    for prompt in shard:
+        source = prompt.media(video_root)
+        if source not in media:
+            media.append(source)
+        video_of.append(media.index(source))
+    videos = [load_video(source, num_frames) for source in media]
+    features = encode_video_list(model, processor, videos, cfg.batch_size)
+    pairs = sample_pairs(
+        model, processor, [videos[v] for v in video_of], [[p.conversations[0].to_dict()] for p in shard],
+        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, max_resample=cfg.max_resample,
+        features=[features[v] for v in video_of], batch_size=cfg.batch_size,
+    )
+    captions: list[list[str]] = [[] for _ in media]
+    descriptions: list[str | None] = [None] * len(media)
+    if cfg.use_context:
+        clips = [load_clips(source, cfg.num_clips, cfg.max_clip_frames, num_frames) for source in media]
+        captions = context.caption_clips(model, processor, clips, max_new_tokens=cfg.caption_max_new_tokens, batch_size=cfg.batch_size)
+        asked = [{"from": "human", "value": f"{PLACEHOLDER}\n{prompts.describe_instruction(0)}"}]
+        descriptions = [group[0] for group in generate(
+            model, processor, videos, [asked] * len(videos), max_new_tokens=cfg.caption_max_new_tokens * cfg.num_clips,
+            features=features, batch_size=cfg.batch_size,
+        )]
+    judged = [i for i, pair in enumerate(pairs.responses) if pair is not None]
+    verdicts: dict[str, list[Verdict]] = {}
+    for name in JUDGES if cfg.use_context else ("no_context",):
+        verdicts[name] = judge_pairs(
+            model, processor, [videos[video_of[i]] for i in judged], [shard[i].question() for i in judged],
+            [pairs.responses[i][0] for i in judged], [pairs.responses[i][1] for i in judged],
+            [prompts.format_context(captions[video_of[i]]) if name == "context" else None for i in judged],
+            features=[features[video_of[i]] for i in judged], batch_size=cfg.batch_size,
+        )
+    in_use = verdicts[JUDGES[0] if cfg.use_context else JUDGES[1]]
+    kept = set(select(in_use, cfg.min_margin)[0])
+    records = []
+    for i, prompt in enumerate(shard):
+        first, second = pairs.responses[i] or (None, None)
+        records.append(prompt.to_dict() | {
+            "output_1": {"value": first}, "output_2": {"value": second}, "preference": None, "margin": None,
+            "judge": None, "dropped": "identical",
+            "context": captions[video_of[i]], "description": descriptions[video_of[i]],
+        })
+    for j, i in enumerate(judged):
+        verdict = in_use[j]
+        records[i] |= {
+            "preference": verdict.winner, "margin": verdict.margin,
+            "judge": {name: _reading(v[j]) for name, v in verdicts.items()},
+            "dropped": None if j in kept else "inconsistent" if not verdict.consistent else "low_margin",
+        }
+    return records, pairs.resampled
+
+
+def preference_record(judged: Mapping) -> PreferenceRecord:
+    """A kept judged record in the release's reward-model format: the question and an empty
+    gpt turn (the slot each output fills; the prompt's reference answer stays out of the
+    reward model's data), the two outputs and the preference; the context captions, the
+    judge's readings and the margin ride along."""
+    record = {k: v for k, v in judged.items() if k not in ("dropped", "description")}
+    record["conversations"] = [judged["conversations"][0], {"from": "gpt", "value": ""}]
+    return PreferenceRecord.from_dict(record, f"judged prompt {judged.get('uid')}")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(
+    params: Params,
+    *,
+    prompts_file: Path = prepare.OUT / "rl_prompts.json",
+    model_dir: Path = Path("artifacts/sft"),
+    out: Path = OUT,
+    shards: Path = SHARDS,
+    progress: bool = True,
+) -> dict:
+    """The preferences stage: judge the RL prompts shard by shard under `shards` (a rerun of
+    the same run skips finished shards), then write every judged record (judged.json) and
+    the kept pairs in the reward model's format (preferences.json) under `out`. Returns the
+    counts: prompts, pairs drawn again, kept, and dropped per reason."""
+    cfg = params.preferences
+    rl_prompts = read_rl_prompts(prompts_file).records[: cfg.num_prompts]
+    if not rl_prompts:
+        raise ValueError(f"{prompts_file}: no RL prompts to judge")
+    code = [Path(m.__file__) for m in (sys.modules[__name__], context, generation, judge, modeling, video)]
+    code += sorted(Path(prompts.__file__).parent.glob("*.txt"))
+    settings = {"preferences": dataclasses.asdict(cfg), "seed": params.seed, "num_frames": params.data.num_frames,
+                "video_root": params.data.video_root}
+    io.claim(shards, io.run_stamp(code, settings, [prompts_file], [model_dir]))
+    model, processor = load_model_and_processor(model_dir, dtype=params.base.dtype)
+    plan = shard_prompts(rl_prompts, cfg.shard_size)
+    for k, indices in enumerate(tqdm(plan, desc="preferences", unit="shard", disable=not progress)):
+        path = shards / f"shard_{k:05d}.json"
+        if path.is_file():
+            continue
+        torch.manual_seed(params.seed * 1_000_003 + k)  # a shard's draws do not depend on which shards ran before it
+        records, resampled = prefer_shard(
+            model, processor, [rl_prompts[i] for i in indices], cfg, video_root=params.data.video_root, num_frames=params.data.num_frames,
+        )
+        io.write_json(path, {"resampled": resampled, "records": records})
+    written = [io.read_json(shards / f"shard_{k:05d}.json") for k in range(len(plan))]
+    judged = [r for shard in written for r in shard["records"]]
+    kept = [preference_record(r) for r in judged if r["dropped"] is None]
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / "judged.json", judged)
+    write_records(out / "preferences.json", kept)
+    counts = {"prompts": len(judged), "resampled": sum(s["resampled"] for s in written), "kept": len(kept)}
+    counts["dropped"] = {reason: sum(r["dropped"] == reason for r in judged) for reason in DROP_REASONS}
+    io.write_json(out / "counts.json", counts)
+    return counts
+
+
+# --------------------------------------------------------------------------- measured quality
+
+
+def video_id(record: Mapping) -> str:
+    """The world's video id: the frame folder's name, or the video file's stem."""
+    return Path(record["images"][0]).parent.name if record.get("images") else Path(record["video"]).stem
+
+
+def oracle_verdict(record: Mapping, scenes: Mapping[str, Mapping] | None) -> int | None:
+    """The oracle's preference (1 or 2) for a judged record: None without scenes, for an
+    unjudged pair, or where it scores both responses equal. A record without a "type" is
+    scored as a description request."""
+    if scenes is None or record["judge"] is None:
+        return None
+    question, reference = (t["value"] for t in record["conversations"][:2])
+    return oracle_preference(
+        scenes[video_id(record)], record.get("type", "describe"), question.replace(PLACEHOLDER, "").strip(), reference,
+        record["output_1"]["value"], record["output_2"]["value"],
+    )
+
+
+def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | None, num_clips: int, min_margin: float) -> dict:
+    """What the synthetic world's oracle says of the stage's preferences. Per judge (with the
+    context, without it): agreement with the oracle's verdict on every judged pair and on the
+    pairs that judge keeps, overall and per prompt kind; how often its two orders pick the
+    same winner; the share it keeps; the labels' probability mass. Pairs the oracle scores
+    equal have no verdict and are left out of agreement. And the context itself: fact
+    precision and F1 of each clip caption against its clip, next to the SFT model's
+    description of the whole video against the whole video. Without `scenes` (data with no
+    oracle) only what needs none is reported."""
+    truth = [oracle_verdict(r, scenes) for r in judged]
+    kinds = [r.get("type", "describe") for r in judged]
+    n = len(judged)
+
+    def agreement(rows: Sequence[int], winners: Mapping[int, int]) -> dict:
+        scored = [i for i in rows if truth[i] is not None]
+        right = sum(winners[i] == truth[i] for i in scored)
+        return {"agreement": right / len(scored) if scored else None, "pairs": len(scored)}
+
+    judges = {}
+    for name in JUDGES:
+        rows = [i for i, r in enumerate(judged) if r["judge"] and name in r["judge"]]
+        if not rows:
+            continue
+        verdicts = {i: Verdict(**judged[i]["judge"][name]) for i in rows}
+        winners = {i: v.winner for i, v in verdicts.items()}
+        kept = [rows[j] for j in select([verdicts[i] for i in rows], min_margin)[0]]
+        judges[name] = agreement(rows, winners) | {
+            "agreement_kept": agreement(kept, winners)["agreement"],
+            "consistency": sum(v.consistent for v in verdicts.values()) / len(rows),
+            "kept_fraction": len(kept) / n,
+            "label_mass": sum(v.label_mass for v in verdicts.values()) / len(rows),
+            "by_kind": {k: agreement([i for i in rows if kinds[i] == k], winners) for k in sorted(set(kinds))},
+        }
+    judged_rows = [i for i, r in enumerate(judged) if r["judge"] is not None]
+    quality = {
+        "judges": judges,
+        "oracle": {"pairs": len(judged_rows), "ties": sum(truth[i] is None for i in judged_rows),
+                   "first_better": sum(truth[i] == 1 for i in judged_rows) / max(1, len(judged_rows))},
+    }
+    videos = {video_id(r): r for r in judged if r.get("context")}
+    if scenes is not None and videos:
+        clip_scores, video_scores = [], []
+        for vid, r in videos.items():
+            spans = clip_ranges(scenes[vid]["num_frames"], num_clips)
+            clip_scores += [score_description(scenes[vid], caption, span) for caption, span in zip(r["context"], spans)]
+            video_scores.append(score_description(scenes[vid], r["description"]))
+        quality["captions"] = {
+            "clip": {"precision": float(np.mean([s.precision for s in clip_scores])), "f1": float(np.mean([s.f1 for s in clip_scores])),
+                     "count": len(clip_scores)},
+            "video": {"precision": float(np.mean([s.precision for s in video_scores])), "f1": float(np.mean([s.f1 for s in video_scores])),
+                      "count": len(video_scores)},
+        }
+    return quality

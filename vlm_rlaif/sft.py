@@ -6,9 +6,10 @@ crash anywhere resumes from the last checkpoint); `sft.curriculum: false` shuffl
 together for the ablation. `sft.replay_share` draws part of the hard stage from the easy
 split again: a language model trained from scratch otherwise forgets to stop after a short
 answer (a 7B LLM keeps that from pretraining; zero in the paper profile). The embedded
-default also mixes the world's clip-caption and judge examples into the hard stage
-(`caption_share`, `judge_share`): the abilities the preferences stage asks of the SFT model,
-which a pretrained LLM brings at paper scale. And it packs each video's questions into one
+default also trains on the world's judge examples (dealt into the easy passes:
+`judge_share` of that stage) and clip captions (in the hard stage: `caption_share`): the
+abilities the preferences stage asks of the SFT model, which a pretrained LLM brings at
+paper scale. And it packs each video's questions into one
 conversation (`pack_turns`) and passes over the easy split many times (`easy_epochs`):
 a language model from scratch needs that many answers before it reads the video at all.
 
@@ -22,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import math
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,19 +63,31 @@ class Curriculum:
     sizes: dict[str, int]
 
 
-def _epochs(items: Sequence, epochs: float, rng: np.random.Generator) -> list:
-    """`epochs` passes over `items`, each in a fresh random order; a fractional pass is cut short."""
+def _pass_sizes(n: int, epochs: float) -> list[int]:
+    """How many of n items each of `epochs` passes takes; a fractional last pass is cut short."""
+    return [n if e + 1 <= epochs else round((epochs - e) * n) for e in range(math.ceil(epochs))]
+
+
+def _epochs(items: Sequence, epochs: float, rng: np.random.Generator, dealt: Sequence = ()) -> list:
+    """`epochs` passes over `items`, each in a fresh random order. `dealt` examples are dealt
+    across the passes, each once, shuffled into its pass."""
+    sizes = _pass_sizes(len(items), epochs)
     out: list = []
-    for e in range(math.ceil(epochs)):
+    for e, take in enumerate(sizes):
         order = rng.permutation(len(items))
-        take = len(items) if e + 1 <= epochs else round((epochs - e) * len(items))
-        out.extend(items[i] for i in order[:take])
+        chunk = [items[i] for i in order[:take]] + list(dealt[e :: len(sizes)])
+        out.extend(chunk[i] for i in rng.permutation(len(chunk)))
     return out
 
 
-def _extras_size(share: float, others: float, n_sft: int) -> int:
-    """How many examples make up `share` of the final mix, next to n_sft SFT examples."""
-    return round(share / (1 - share - others) * n_sft) if share else 0
+def _draw(pool: Sequence, n: int, rng: np.random.Generator) -> list:
+    """n examples of `pool` without repeats (all of it if n is larger), in pool order."""
+    return [pool[i] for i in sorted(rng.permutation(len(pool))[: min(n, len(pool))])]
+
+
+def _extras_size(share: float, n_stage: int) -> int:
+    """How many extra examples make up `share` of a stage that has n_stage others."""
+    return round(share / (1 - share) * n_stage) if share else 0
 
 
 def pack_turns(records: list[SFTRecord]) -> list[SFTRecord]:
@@ -122,27 +132,24 @@ def _grouped_by_length(records: list, batch_size: int, rng: np.random.Generator,
 def build_curriculum(
     easy: list[SFTRecord], hard: list[SFTRecord], captions: list[SFTRecord], judge: list[SFTRecord], cfg: SFTConfig, seed: int
 ) -> Curriculum:
-    if cfg.caption_share + cfg.judge_share >= 1:
-        raise ValueError("sft.caption_share + sft.judge_share must be below 1")
+    """The training order. The world's extra examples go to the stage their answers' length
+    puts them in, as the curriculum sorts everything: judge examples (one letter) are dealt
+    across the easy passes, where the learning rate is still high enough to teach a skill
+    this new; clip captions (long) join the hard stage."""
     rng = np.random.default_rng(seed)
     if cfg.pack_turns:
         easy = pack_turns(easy)
-    n_sft = len(easy) + len(hard)
-    extras = []
-    for pool, share, other in ((captions, cfg.caption_share, cfg.judge_share), (judge, cfg.judge_share, cfg.caption_share)):
-        n = min(len(pool), _extras_size(share, other, n_sft))
-        extras.append([pool[i] for i in sorted(rng.permutation(len(pool))[:n])])
-    stage2 = hard + extras[0] + extras[1]
-    sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1])}
     easy_epochs = cfg.epochs if cfg.easy_epochs is None else cfg.easy_epochs
+    judged = _draw(judge, _extras_size(cfg.judge_share, sum(_pass_sizes(len(easy), easy_epochs))), rng)
+    stage2 = hard + _draw(captions, _extras_size(cfg.caption_share, len(hard)), rng)
+    sizes = {"easy": len(easy), "hard": len(hard), "captions": len(stage2) - len(hard), "judge": len(judged)}
     if not cfg.curriculum:
-        mixed = _epochs(easy, easy_epochs, rng) + _epochs(stage2, cfg.epochs, rng)
+        mixed = _epochs(easy, easy_epochs, rng, judged) + _epochs(stage2, cfg.epochs, rng)
         mixed = [mixed[i] for i in rng.permutation(len(mixed))]
         return Curriculum(_grouped_by_length(mixed, cfg.batch_size, rng), None, sizes)
-    n_replay = min(len(easy), _extras_size(cfg.replay_share, 0.0, len(stage2)))
-    replay = [easy[i] for i in sorted(rng.permutation(len(easy))[:n_replay])]
+    replay = _draw(easy, _extras_size(cfg.replay_share, len(stage2)), rng)
     sizes["replay"] = len(replay)
-    first = _grouped_by_length(_epochs(easy, easy_epochs, rng), cfg.batch_size, rng)
+    first = _grouped_by_length(_epochs(easy, easy_epochs, rng, judged), cfg.batch_size, rng)
     second = _grouped_by_length(_epochs(stage2 + replay, cfg.epochs, rng), cfg.batch_size, rng)
     return Curriculum(first + second, len(first), sizes)
 
@@ -175,25 +182,9 @@ def apply_lora(model, cfg: SFTConfig, family: str):
 def fingerprint(params: Params, files: Sequence[Path], base: Path) -> str:
     """What a checkpoint was trained from (params, data, base model, the training code):
     a checkpoint of another run is never resumed."""
-    h = hashlib.sha256()
-    for module in (sys.modules[__name__], collate, data, modeling, video):
-        h.update(Path(module.__file__).read_bytes())
-    keys = {"sft": dataclasses.asdict(params.sft), "seed": params.seed, "num_frames": params.data.num_frames}
-    h.update(json.dumps(keys, sort_keys=True).encode())
-    for path in files:
-        h.update(path.name.encode() + (hashlib.md5(path.read_bytes()).digest() if path.is_file() else b"-"))
-    for path in sorted(base.iterdir()):
-        h.update(f"{path.name}:{path.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
-def _discard_other_runs(checkpoints: Path, stamp: str) -> None:
-    """Keep the checkpoints only if they belong to this run (same fingerprint)."""
-    run = checkpoints / "run.json"
-    if checkpoints.exists() and (not run.is_file() or io.read_json(run).get("fingerprint") != stamp):
-        shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    io.write_json(run, {"fingerprint": stamp})
+    code = [Path(m.__file__) for m in (sys.modules[__name__], collate, data, modeling, video)]
+    settings = {"sft": dataclasses.asdict(params.sft), "seed": params.seed, "num_frames": params.data.num_frames}
+    return io.run_stamp(code, settings, files, [base])
 
 
 class CheckpointTrainer(Trainer):
@@ -261,7 +252,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         dataloader_num_workers=0,
     )
     if state.is_main_process:
-        _discard_other_runs(checkpoints, fingerprint(params, files, base))
+        io.claim(checkpoints, fingerprint(params, files, base))
     state.wait_for_everyone()
     resume = get_last_checkpoint(str(checkpoints))
 

@@ -33,8 +33,11 @@ from vlm_rlaif.synthetic.scene import Scene, sample_scene
 SPLITS = ("sft", "rl", "eval")
 SFT_FILES = ("SFT_short.json", "SFT_long.json", "SFT_captions.json", "SFT_judge.json")
 EVAL_FILES = ("eval/zeroshot_qa.json", "eval/generic_qa.json", "eval/temporal_qa.json", "eval/consistency_qa.json")
-# Judge examples on a short question instead of a description request.
-SHORT_JUDGE_SHARE = 0.25
+# Judge examples: some on a short question; half against a description of another scene
+# (a response about objects the video does not show: the coarse end of judging, which a
+# language model from scratch learns first); the rest graded descriptions of the same scene.
+SHORT_JUDGE_SHARE = 0.2
+FOREIGN_JUDGE_SHARE = 0.5
 
 
 def video_id(index: int) -> str:
@@ -61,14 +64,19 @@ def _describe_request(rng: np.random.Generator) -> str:
     return prompts.describe_instruction(int(rng.integers(len(prompts.variants("describe")))))
 
 
-def _judge_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(question, better response, worse response). Descriptions: the better one has 0 or 1
-    wrong facts and the worse one 1 or 2 more on top, so the judge learns graded comparison,
-    not just "spot the perfect answer". Short questions: the right and a wrong answer."""
-    if rng.random() < SHORT_JUDGE_SHARE:
+def _judge_pair(scene: Scene, rng: np.random.Generator, max_objects: int) -> tuple[str, str, str]:
+    """(question, better response, worse response). Short questions: the right and a wrong
+    answer. Descriptions: the better one has 0 or 1 wrong facts; the worse one is either the
+    description of another scene drawn at random, or the better one with 1 or 2 more wrong
+    facts, so the judge learns graded comparison, not just "spot the perfect answer"."""
+    roll = rng.random()
+    if roll < SHORT_JUDGE_SHARE:
         qa = short_questions(scene, rng, 1)[0]
         return qa.question, qa.answer, qa.wrong
     better = corrupt(scene, describe(scene), int(rng.integers(0, 2)), rng).description
+    if roll < SHORT_JUDGE_SHARE + FOREIGN_JUDGE_SHARE:
+        other = sample_scene(rng, "other", scene.num_frames, scene.frame_size, max_objects, scene.difficulty)
+        return _describe_request(rng), better.text(), describe(other).text()
     worse = corrupt(scene, better, int(rng.integers(1, 3)), rng).description
     return _describe_request(rng), better.text(), worse.text()
 
@@ -98,24 +106,25 @@ def _sft_video(cfg: WorldConfig, scene: Scene, images: list[str], rng: np.random
         instruction = prompts.caption_instruction(int(rng.integers(len(prompts.variants("caption_clip")))))
         files["SFT_captions.json"].append(sft_record(f"{vid}_clip_{i}", instruction, captions[-1], images[start:end]))
     for i in range(cfg.judge_examples_per_video):
-        pending.append((f"{vid}_judge_{i}", images, *_judge_pair(scene, rng), captions))
+        pending.append((f"{vid}_judge_{i}", images, *_judge_pair(scene, rng, cfg.max_objects), captions))
 
 
 def _rl_video(scene: Scene, images: list[str], rng: np.random.Generator, files: dict) -> None:
-    """Two PPO prompts per video: a description request, then an open or a short question."""
+    """Two PPO prompts per video: a description request, then an open or a short question.
+    "type" (one of `evaluation.PROMPT_KINDS`) tells the oracle how to score a response."""
     description = describe(scene)
-    pairs = [(_describe_request(rng), description.text())]
+    asked = [("describe", _describe_request(rng), description.text())]
     roll = rng.random()
     if roll < 0.25:
-        pairs.append((generic_question(rng), description.text()))
+        asked.append(("generic", generic_question(rng), description.text()))
     elif roll < 0.5:
-        pairs.append((temporal_question(rng), description.event_text()))
+        asked.append(("temporal", temporal_question(rng), description.event_text()))
     else:
         qa = short_questions(scene, rng, 1)[0]
-        pairs.append((qa.question, qa.answer))
-    for question, answer in pairs:
+        asked.append(("short", qa.question, qa.answer))
+    for kind, question, answer in asked:
         uid = len(files["RL_data.json"])
-        files["RL_data.json"].append({"conversations": conversation(question, answer), "images": images, "uid": uid})
+        files["RL_data.json"].append({"conversations": conversation(question, answer), "images": images, "uid": uid, "type": kind})
 
 
 def _eval_video(cfg: WorldConfig, scene: Scene, rng: np.random.Generator, files: dict) -> None:
