@@ -2,11 +2,16 @@
 output format, and its measured quality against the oracle."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from vlm_rlaif.config import load_params
 from vlm_rlaif.data import RLPrompt, read_preferences, write_records
@@ -16,6 +21,8 @@ from vlm_rlaif.modeling import build_inputs
 from vlm_rlaif.preferences import OUT, feedback_quality, preference_record, run, sample_pairs, shard_prompts
 from vlm_rlaif.synthetic.language import clip_ranges, describe
 from vlm_rlaif.synthetic.scene import Scene
+
+from conftest import ROOT
 
 
 def prompts(n: int) -> tuple[list[np.ndarray], list[list[dict]]]:
@@ -151,8 +158,27 @@ def test_feedback_quality_measures_each_judge_against_the_oracle(built):
     context, blind = quality["judges"]["context"], quality["judges"]["no_context"]
     assert context["agreement"] == context["agreement_kept"] == 1.0 and context["consistency"] == context["kept_fraction"] == 1.0
     assert blind["agreement"] == 0.0 and blind["consistency"] == (n - 1) / n and blind["agreement_kept"] == 0.0
+    assert context["pairs_kept"] == n and blind["pairs_kept"] == n - 1
     assert blind["label_mass"] == pytest.approx((1.0 + 0.5 * (n - 1)) / n)
     assert sum(kind["pairs"] for kind in context["by_kind"].values()) == n
     assert quality["captions"]["clip"] == {"precision": 1.0, "f1": 1.0, "count": 3 * len({r["images"][0] for r in judged})}
     assert quality["captions"]["video"]["f1"] == 1.0
     assert feedback_quality(judged, None, num_clips=3, min_margin=0.0)["judges"]["context"]["agreement"] is None
+
+
+def test_the_notebook_runs_under_papermill_and_writes_metrics_and_figure(built, monkeypatch):
+    monkeypatch.chdir(built)
+    if not Path("artifacts/sft").exists():
+        shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    Path("params.yaml").write_text(yaml.safe_dump(params | {"preferences": STAGE}))
+    shutil.copy(ROOT / "notebooks" / "04_preferences.ipynb", "04_preferences.ipynb")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml", "04_preferences.ipynb", "out.ipynb"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(Path("reports/metrics/preferences.json").read_text())
+    assert metrics["counts"]["prompts"] == 4 and set(metrics["judges"]) == {"context", "no_context"}
+    assert metrics["oracle"]["pairs"] + metrics["counts"]["dropped"]["identical"] == 4
+    assert metrics["captions"]["clip"]["count"] == 3 * 2  # 3 clips of each of the 2 RL videos
+    assert Path("reports/figures/preferences_quality.png").stat().st_size > 0

@@ -32,17 +32,14 @@ def test_curriculum_puts_every_easy_example_before_the_hard_stage():
     hard = [_record(100 + i, "a long answer " * 5) for i in range(6)]
     captions = [_record(200 + i, "caption") for i in range(50)]
     judge = [_record(300 + i, "A") for i in range(50)]
-    cfg = SFTConfig(epochs=2.0, caption_share=0.25, judge_share=0.2)
+    cfg = SFTConfig(epochs=2.0, caption_share=0.25, judge_share=0.5)
     c = sft.build_curriculum(easy, hard, captions, judge, cfg, seed=0)
-    # judge examples: 0.2 of the easy stage's 2 x 10 passes; captions: 0.25 of the hard stage's 6
-    assert c.sizes == {"easy": 10, "hard": 6, "captions": 2, "judge": 5, "replay": 0}
-    assert c.boundary == 25 and len(c.records) == 25 + 2 * (6 + 2)
-    first = [r.id for r in c.records[: c.boundary]]
-    assert Counter(i for i in first if i < 100) == {i: 2 for i in range(10)}
-    assert len({i for i in first if i >= 300}) == 5 and all(i < 100 or i >= 300 for i in first)
-    assert min(first.index(i) for i in first if i >= 300) < 12 < max(first.index(i) for i in first if i >= 300)  # dealt over both passes
-    assert all(100 <= r.id < 300 for r in c.records[c.boundary :])
-    assert [i for i in first[:12] if i < 100] != [i for i in first[12:] if i < 100]  # each pass reshuffled
+    # shares of the hard stage: 6 hard examples are the remaining quarter of it
+    assert c.sizes == {"easy": 10, "hard": 6, "captions": 6, "judge": 12, "replay": 0}
+    assert c.boundary == 20 and len(c.records) == 20 + 2 * (6 + 6 + 12)
+    assert {r.id for r in c.records[: c.boundary]} == set(range(10))
+    assert all(r.id >= 100 for r in c.records[c.boundary :])
+    assert [r.id for r in c.records[:10]] != [r.id for r in c.records[10:20]]  # each epoch reshuffled
     again = sft.build_curriculum(easy, hard, captions, judge, cfg, seed=0)
     assert [r.id for r in again.records] == [r.id for r in c.records]
 
@@ -50,6 +47,17 @@ def test_curriculum_puts_every_easy_example_before_the_hard_stage():
     assert mixed.boundary is None and len(mixed.records) == 15 + 9
     ids = [r.id for r in mixed.records]
     assert min(i for i, x in enumerate(ids) if x >= 100) < max(i for i, x in enumerate(ids) if x < 100)  # not easy, then hard
+
+
+def test_each_curriculum_stage_warms_up_and_decays_on_its_own():
+    cosine = sft.stage_schedule("cosine", 0.1, total_steps=30, boundary_step=10)
+    first, second = [cosine(t) for t in range(10)], [cosine(t) for t in range(10, 30)]
+    assert first[0] == pytest.approx(0.5) and first[1] == 1.0 and first[-1] < 0.05  # 1 warmup step, then down
+    assert second[:2] == pytest.approx([1 / 3, 2 / 3]) and second[2] == 1.0 and second[-1] < 0.01  # again, from the top
+    assert all(a >= b for a, b in zip(second[2:], second[3:]))
+    single = sft.stage_schedule("linear", 0.0, total_steps=4, boundary_step=None)
+    assert [single(t) for t in range(4)] == [1.0, 0.75, 0.5, 0.25]  # as transformers' linear schedule
+    assert sft.stage_schedule("constant", 0.0, 8, 4)(6) == 1.0
 
 
 def test_easy_epochs_repeat_the_easy_split_only_in_either_order():
@@ -66,14 +74,14 @@ def test_easy_epochs_repeat_the_easy_split_only_in_either_order():
 def test_hard_stage_replays_easy_examples_and_batches_group_by_length():
     easy = [_record(i, "short") for i in range(40)]
     hard = [_record(100 + i, "a long answer " * 5) for i in range(30)]
-    captions = [_record(200 + i, "A " * (200 + 200 * (i % 2))) for i in range(50)]
-    cfg = SFTConfig(epochs=1.0, batch_size=4, caption_share=0.375, replay_share=0.25)
-    c = sft.build_curriculum(easy, hard, captions, [], cfg, seed=0)
-    assert c.sizes["captions"] == 18 and c.sizes["replay"] == 16  # 0.25 of a hard stage of 48 + replay
+    judge = [_record(300 + i, "A " * (200 + 200 * (i % 2))) for i in range(50)]
+    cfg = SFTConfig(epochs=1.0, batch_size=4, judge_share=0.375, replay_share=0.25)
+    c = sft.build_curriculum(easy, hard, [], judge, cfg, seed=0)
+    assert c.sizes["judge"] == 18 and c.sizes["replay"] == 16  # 0.25 of a hard stage of 48 + replay
     second = c.records[c.boundary :]
     assert len(second) == 30 + 18 + 16 and sum(r.id < 100 for r in second) == 16
     buckets = [sft._length_bucket(r) for r in second]
-    assert sorted(set(buckets)) == [0, 1, 3]  # QA and descriptions, short long examples, longer ones
+    assert sorted(set(buckets)) == [0, 1, 3]  # QA and descriptions, short judge examples, long ones
     batches = [buckets[i : i + 4] for i in range(0, len(buckets), 4)]
     assert sum(len(set(b)) > 1 for b in batches) <= 3  # at most the one batch where a bucket ends, per bucket
 

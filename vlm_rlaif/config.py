@@ -179,10 +179,10 @@ class SFTConfig:
     grad_accum: int = field(default=1, metadata=positive())
     max_length: int = field(default=2048, metadata=positive())
     lora: LoraConfig | None = None
-    # The world's extra examples, as a share of the stage they join: judge examples (one-letter
-    # answers) of the easy stage, clip captions and replayed easy examples of the hard stage.
-    judge_share: float = field(default=0.0, metadata=unit())
+    # Shares of the hard stage: the world's clip captions and judge examples, and easy
+    # examples replayed.
     caption_share: float = field(default=0.0, metadata=unit())
+    judge_share: float = field(default=0.0, metadata=unit())
     replay_share: float = field(default=0.0, metadata=unit())
     pack_turns: bool = False  # the easy split's questions about one video as one conversation
     gradient_checkpointing: bool = False

