@@ -18,7 +18,7 @@ from vlm_rlaif import sft
 from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator
 from vlm_rlaif.config import SFTConfig, load_params
 from vlm_rlaif.data import SFTRecord, Turn, read_sft
-from vlm_rlaif.modeling import load_model_and_processor
+from vlm_rlaif.modeling import add_lora, load_model_and_processor
 
 from conftest import PARAMS
 
@@ -162,7 +162,7 @@ def test_lora_trains_adapters_and_saves_a_merged_model(built, monkeypatch):
     monkeypatch.chdir(built)
     params = load_params(_params_file(built, lora={"r": 4, "alpha": 8, "dropout": 0.0}, epochs=0.3))
     model, _ = load_model_and_processor(built / "artifacts/base")
-    peft_model = sft.apply_lora(model, params.sft, params.base.family)
+    peft_model = add_lora(model, params.sft.lora, [sft.PROJECTORS[params.base.family]] if params.sft.train_projector else None)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
     assert not any("vision_tower" in n for n in trainable)

@@ -106,6 +106,12 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
     return rows
 
 
+def without_timings(log_history: list[dict]) -> list[dict]:
+    """Trainer's log without its wall-clock figures, so the file saved beside a model is
+    byte-stable across runs."""
+    return [{k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))} for entry in log_history]
+
+
 def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], inputs: Iterable[str | os.PathLike], models: Iterable[str | os.PathLike] = ()) -> str:
     """A short hash of what a resumable run's results depend on: the source files that compute
     them, the settings, the content of the input files (a missing one hashes as absent), and

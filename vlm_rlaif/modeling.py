@@ -24,6 +24,8 @@ from transformers import (
     ProcessorMixin,
 )
 
+from vlm_rlaif.config import LoraConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RELEASE_PLACEHOLDER = "<image>"  # the VLM-RLAIF / LLaVA release marks the visual input this way
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -111,6 +113,20 @@ def load_model_and_processor(
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig, modules_to_save: list[str] | None = None):
+    """A fresh LoRA adapter on the language model's projections, the rest frozen except
+    `modules_to_save` (trained in full). Only the language model's: the vision tower has
+    layers of the same names, and leaving it untouched keeps video features computed once
+    valid under any adapter."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    target = rf".*language_model.*\.({'|'.join(lora.target_modules)})"
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
 
 
 def _messages(conversation: list[dict], index: int, reserved: list[str]) -> list[dict]:

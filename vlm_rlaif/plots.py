@@ -94,3 +94,34 @@ def feedback_quality(ax_judge, ax_captions, quality: dict) -> None:
     ax_captions.set_ylim(0, 1)
     ax_captions.set_title("context: SFT captions vs oracle", fontsize=9)
     ax_captions.legend(fontsize=8)
+
+
+def reward_calibration(ax, probability: Sequence[float], first_better: Sequence[bool], bins: int = 5) -> None:
+    """Reliability of the reward model's preferences: pairs binned by P(output 1 better) =
+    sigmoid(r1 - r2), against how often the oracle prefers output 1 in each bin (marker
+    area by pair count); a calibrated model sits on the diagonal, a blind one at 0.5."""
+    p, truth = np.asarray(probability, float), np.asarray(first_better, float)
+    edges = np.quantile(p, np.linspace(0, 1, bins + 1)) if len(p) else np.linspace(0, 1, bins + 1)
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ax.scatter(p[inside].mean(), truth[inside].mean(), s=20 + 4 * inside.sum(), color="tab:blue", alpha=0.7)
+    ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("reward model: P(output 1 better)")
+    ax.set_ylabel("oracle: output 1 better")
+    ax.set_title(f"calibration ({len(p)} pairs, quantile bins)", fontsize=9)
+
+
+def reward_margins(ax, margins: Sequence[float], agrees: Sequence[bool]) -> None:
+    """Reward margins |r1 - r2| of pairs the reward model orders as the oracle does, and of
+    those it orders wrongly: a useful reward model is right more often when it is sure."""
+    margins, agrees = np.abs(np.asarray(margins, float)), np.asarray(agrees, bool)
+    bins = np.linspace(0, max(margins.max(initial=0.0), 1e-6), 16)
+    ax.hist(margins[agrees], bins=bins, alpha=0.7, label=f"as the oracle ({agrees.sum()})", color="tab:green")
+    ax.hist(margins[~agrees], bins=bins, alpha=0.7, label=f"against it ({(~agrees).sum()})", color="tab:red")
+    ax.set_xlabel("|reward margin|")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8)

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from vlm_rlaif import context, generation, io, judge, modeling, prepare, prompts, video
 from vlm_rlaif.config import Params, PreferencesConfig
 from vlm_rlaif.data import PLACEHOLDER, PreferenceRecord, RLPrompt, read_rl_prompts, write_records
-from vlm_rlaif.evaluation import oracle_preference
+from vlm_rlaif.evaluation import oracle_preference, oracle_score
 from vlm_rlaif.generation import encode_video_list, generate
 from vlm_rlaif.judge import Verdict, judge_pairs, select
 from vlm_rlaif.modeling import load_model_and_processor
@@ -241,17 +241,25 @@ def video_id(record: Mapping) -> str:
     return Path(record["images"][0]).parent.name if record.get("images") else Path(record["video"]).stem
 
 
+def _oracle_inputs(record: Mapping, scenes: Mapping[str, Mapping]) -> tuple[Mapping, str, str, str]:
+    """What the oracle scores a record's outputs against: its scene, its prompt kind (a record
+    without a "type" is a description request), the question and the reference answer."""
+    question, reference = (t["value"] for t in record["conversations"][:2])
+    return scenes[video_id(record)], record.get("type", "describe"), question.replace(PLACEHOLDER, "").strip(), reference
+
+
+def oracle_scores(record: Mapping, scenes: Mapping[str, Mapping]) -> tuple[float, float]:
+    """The oracle's score (`evaluation.oracle_score`) of each of a record's two outputs."""
+    first, second = (oracle_score(*_oracle_inputs(record, scenes), record[k]["value"]) for k in ("output_1", "output_2"))
+    return first, second
+
+
 def oracle_verdict(record: Mapping, scenes: Mapping[str, Mapping] | None) -> int | None:
     """The oracle's preference (1 or 2) for a judged record: None without scenes, for an
-    unjudged pair, or where it scores both responses equal. A record without a "type" is
-    scored as a description request."""
+    unjudged pair, or where it scores both responses equal."""
     if scenes is None or record["judge"] is None:
         return None
-    question, reference = (t["value"] for t in record["conversations"][:2])
-    return oracle_preference(
-        scenes[video_id(record)], record.get("type", "describe"), question.replace(PLACEHOLDER, "").strip(), reference,
-        record["output_1"]["value"], record["output_2"]["value"],
-    )
+    return oracle_preference(*_oracle_inputs(record, scenes), record["output_1"]["value"], record["output_2"]["value"])
 
 
 def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | None, num_clips: int, min_margin: float) -> dict:

@@ -25,23 +25,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlm_rlaif import collate, data, io, modeling, video
+from vlm_rlaif import collate, data, io, modeling, stage, video
 from vlm_rlaif.collate import VideoConversationCollator
-from vlm_rlaif.config import LoraConfig, Params, SFTConfig, load_params
+from vlm_rlaif.config import Params, SFTConfig, load_params
 from vlm_rlaif.data import SFTRecord, read_sft
 from vlm_rlaif.modeling import load_model_and_processor
 
@@ -174,20 +171,6 @@ def set_trainable(model, cfg: SFTConfig, family: str) -> None:
                 module.requires_grad_(trainable)
 
 
-def apply_lora(model, cfg: SFTConfig, family: str):
-    """LoRA on the language model's projections; the projector trained in full if `cfg` says so;
-    the rest frozen."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    lora = cfg.lora
-    target = rf".*language_model.*\.({'|'.join(lora.target_modules)})"
-    config = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-        modules_to_save=[PROJECTORS[family]] if cfg.train_projector else None,
-    )
-    return get_peft_model(model, config)
-
-
 def fingerprint(params: Params, files: Sequence[Path], base: Path) -> str:
     """What a checkpoint was trained from (params, data, base model, the training code):
     a checkpoint of another run is never resumed."""
@@ -276,7 +259,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
 
     model, processor = load_model_and_processor(base, dtype=params.base.dtype)
     if cfg.lora is not None:
-        model = apply_lora(model, cfg, params.base.family)
+        model = modeling.add_lora(model, cfg.lora, [PROJECTORS[params.base.family]] if cfg.train_projector else None)
     else:
         set_trainable(model, cfg, params.base.family)
     collator = VideoConversationCollator(processor, params.data.video_root, params.data.num_frames, cfg.max_length)
@@ -291,7 +274,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         with io.atomic_dir(out) as tmp:
             final.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-            io.write_json(tmp / "log_history.json", _without_timings(trainer.state.log_history))
+            io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
             io.write_json(tmp / "curriculum.json", {
                 "sizes": curriculum.sizes, "examples": len(curriculum.records), "boundary_step": boundary_step,
                 "total_steps": trainer.state.global_step, "resumed_from": resume,
@@ -300,21 +283,9 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     return out
 
 
-def _without_timings(log_history: list[dict]) -> list[dict]:
-    """Trainer's log without wall-clock figures, so the saved model folder is byte-stable."""
-    return [{k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))} for entry in log_history]
-
-
 def launch(params: Params) -> Path:
     """Train in this process, or in `sft.num_processes` processes through torch.distributed.run."""
-    if params.sft.num_processes == 1:
-        return train(params)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "params.yaml"
-        io.write_text(path, yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.sft.num_processes}",
-                   "-m", "vlm_rlaif.sft", "--params", str(path)]
-        subprocess.run(command, check=True)
+    stage.launch(params, train, "vlm_rlaif.sft", params.sft.num_processes)
     return OUT
 
 

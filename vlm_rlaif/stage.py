@@ -7,10 +7,16 @@ every stage lays out reports/ the same way (DESIGN.md, layout contract).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import yaml
 
 import numpy as np
 
@@ -45,6 +51,19 @@ def setup(params_file: str = "params.yaml", **sections: Any) -> Params:
     params = load_params(params_file, overrides=sections)
     seed_everything(params.seed)
     return params
+
+
+def launch(params: Params, train: Callable[[Params], Any], module: str, num_processes: int) -> None:
+    """Run a stage's training in this process, or in `num_processes` processes through
+    torch.distributed.run (`python -m <module> --params FILE` in each)."""
+    if num_processes == 1:
+        train(params)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        io.write_text(path, yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}", "-m", module, "--params", str(path)]
+        subprocess.run(command, check=True)
 
 
 def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:

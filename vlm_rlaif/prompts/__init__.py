@@ -3,8 +3,8 @@
 The synthetic world writes its SFT examples through these functions, and the preferences
 stage calls them again, so the SFT model is asked to describe, to caption a clip and to judge
 in exactly the format it was trained on. `describe.txt` and `caption_clip.txt` hold one
-phrasing per line (the first is the canonical one); `judge.txt` and `judge_context.txt` are
-templates with {named} slots.
+phrasing per line (the first is the canonical one); `judge.txt`, `judge_context.txt` and
+`reward.txt` (the reward model's evaluation instruction) are templates with {named} slots.
 """
 
 from __future__ import annotations
@@ -74,3 +74,10 @@ def judge_prompt(question: str, response_a: str, response_b: str, context: str |
     return load("judge").strip().format(
         context=block, question=question.strip(), response_a=response_a.strip(), response_b=response_b.strip()
     )
+
+
+def reward_instruction(context: str | None = None) -> str:
+    """The evaluation instruction after the response the reward model scores; its last token's
+    hidden state is the reward's input. `context` (a `format_context` block) goes into it for
+    the ablation with clip captions; the paper's reward model read none."""
+    return load("reward").strip().format(context=f"\n\n{context.strip()}" if context else "")

@@ -1,0 +1,251 @@
+"""The reward model: its loss, where its head reads, saving and loading, the held-out split,
+and the stage (training, resume, rewards of every judged pair, measured quality)."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vlm_rlaif import prompts, reward_model as rm
+from vlm_rlaif.config import LoraConfig, load_params
+from vlm_rlaif.data import PreferenceRecord, write_records
+from vlm_rlaif.modeling import add_lora, build_inputs, load_model_and_processor
+from vlm_rlaif.preferences import preference_record
+from vlm_rlaif.tiny import build_tiny_model
+
+from conftest import ROOT, TINY_CORPUS, TINY_VLM
+
+LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory) -> Path:
+    return build_tiny_model(TINY_VLM, TINY_CORPUS, tmp_path_factory.mktemp("rm") / "model", seed=0)
+
+
+def _reward_model(path: Path, seed: int = 0) -> tuple[rm.RewardModel, object]:
+    """A fresh reward model on the tiny VLM, its adapter moved off the identity so it counts."""
+    model, processor = load_model_and_processor(path)
+    backbone = add_lora(model, LORA)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    return rm.RewardModel(backbone), processor
+
+
+def _videos(n: int) -> list[np.ndarray]:
+    return [np.random.default_rng(40 + i).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_loss_on_hand_computed_numbers():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # -log sigmoid(1) and -log sigmoid(-1), averaged; then 0.1 * |mean of (3, 1)|
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))) / 2 + 0.1 * 2.0
+    assert rm.preference_loss(chosen, rejected, 0.1).item() == pytest.approx(expected, rel=1e-6)
+    assert rm.preference_loss(chosen, rejected, 0.0).item() == pytest.approx(expected - 0.2, rel=1e-6)
+    # the gradient raises the chosen reward and lowers the rejected one
+    c, r = torch.tensor([0.5], requires_grad=True), torch.tensor([0.5], requires_grad=True)
+    rm.preference_loss(c, r, 0.0).backward()
+    assert c.grad.item() == pytest.approx(-0.5) and r.grad.item() == pytest.approx(0.5)
+
+
+def test_last_token_index_with_either_padding():
+    assert rm.last_token_index(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])).tolist() == [2, 4]
+    assert rm.last_token_index(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist() == [4, 4]
+
+
+def test_the_head_reads_the_last_real_token_with_left_or_right_padding(tiny_path):
+    reward_model, processor = _reward_model(tiny_path)
+    videos = _videos(2)
+    rows = [rm.reward_conversation("<image>\nWhat colour?", "Green."),
+            rm.reward_conversation("<image>\nDescribe the video.", "A red circle moves from left to right, then a blue square enters.")]
+    alone = [rm.score(reward_model, processor, [v], [c])[0].item() for v, c in zip(videos, rows)]
+    assert abs(alone[0] - alone[1]) > 1e-3  # different inputs, different rewards: the comparison below can fail
+    for side in ("left", "right"):
+        inputs = build_inputs(processor, videos, rows, add_generation_prompt=False, padding_side=side)
+        assert (inputs["attention_mask"] == 0).any()  # the short row really is padded
+        with torch.no_grad():
+            assert reward_model(**inputs).tolist() == pytest.approx(alone, abs=1e-5)
+    # the instruction's last token is the one scored: the same response with no instruction scores otherwise
+    bare = [rows[0][:2]]
+    assert rm.score(reward_model, processor, videos[:1], bare)[0].item() != pytest.approx(alone[0], abs=1e-4)
+
+
+def test_save_and_load_give_identical_rewards(tiny_path, tmp_path):
+    reward_model, processor = _reward_model(tiny_path, seed=3)
+    with torch.no_grad():
+        reward_model.head.bias.fill_(0.25)
+    videos = _videos(3)
+    rows = [rm.reward_conversation("<image>\nWhat colour?", answer, ["A green circle.", "It stays."] if i == 2 else None)
+            for i, answer in enumerate(["Green.", "Red.", "Green."])]
+    before = rm.score(reward_model, processor, videos, rows, batch_size=2)
+    rm.save_reward_model(reward_model, processor, tmp_path / "rm", base=tiny_path)
+    assert {p.name for p in (tmp_path / "rm").iterdir()} == {rm.ADAPTER_DIR, rm.HEAD_FILE, rm.CONFIG_FILE}
+    assert not any("vision_tower" in k or "lora" not in k for k in load_file(tmp_path / "rm" / rm.ADAPTER_DIR / "adapter_model.safetensors"))
+    loaded, loaded_processor = rm.load_reward_model(tmp_path / "rm")
+    after = rm.score(loaded, loaded_processor, videos, rows, batch_size=3)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="not a saved reward model"):
+        rm.load_reward_model(tmp_path)
+
+
+def test_the_context_goes_into_the_instruction_only_when_asked():
+    plain = rm.reward_conversation("<image>\nWhat happens?", "A circle moves.")
+    with_context = rm.reward_conversation("<image>\nWhat happens?", "A circle moves.", ["A red circle.", "It leaves."])
+    assert [t["from"] for t in plain] == ["human", "gpt", "human"] and plain[1]["value"] == "A circle moves."
+    assert plain[2]["value"] == prompts.reward_instruction() and "Clip" not in plain[2]["value"]
+    assert "Clip 1: A red circle.\nClip 2: It leaves." in with_context[2]["value"]
+    assert with_context[2]["value"].startswith(plain[2]["value"].split("\n")[0])
+
+
+def test_held_out_split_is_a_share_or_a_count_and_never_empties_training():
+    records = list(range(40))
+    train, held = rm.split_heldout(records, 0.1, seed=0)
+    assert len(held) == 4 and sorted(train + held) == records
+    assert rm.split_heldout(records, 0.1, seed=0) == (train, held)
+    assert len(rm.split_heldout(records, 7, seed=0)[1]) == 7
+    assert len(rm.split_heldout(records, 0.001, seed=0)[1]) == 1
+    with pytest.raises(ValueError, match="reward_model.heldout 40: 40 preference pairs leave nothing"):
+        rm.split_heldout(records, 40, seed=0)
+
+
+# --------------------------------------------------------------------------- the stage
+
+STAGE = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
+         "epochs": 3.0, "batch_size": 1, "heldout": 1, "save_steps": 2, "max_length": 512}
+
+
+def _judged(root: Path) -> list[dict]:
+    """Judged records as the preferences stage writes them: each RL prompt's reference answer
+    against a worse one, the better one preferred; the last pair dropped as inconsistent."""
+    judged = []
+    for i, prompt in enumerate(json.loads((root / "data" / "RL_data.json").read_text())):
+        outputs = [prompt["conversations"][1]["value"], "Nothing happens."]
+        if i % 2:
+            outputs.reverse()
+        reading = {"first_as_a": 0.8, "first_as_b": 0.3, "label_mass": 1.0}
+        judged.append(prompt | {
+            "output_1": {"value": outputs[0]}, "output_2": {"value": outputs[1]}, "preference": 1 + i % 2, "margin": 0.25,
+            "judge": {"context": reading, "no_context": reading}, "context": ["A clip.", "Another clip."], "description": "A video.",
+            "dropped": None,
+        })
+    judged[-1]["dropped"] = "inconsistent"
+    return judged
+
+
+@pytest.fixture
+def staged(built, monkeypatch, tmp_path):
+    """The built tiny project with AI preferences written, the base standing in for the SFT model."""
+    monkeypatch.chdir(built)
+    prefs = tmp_path / "preferences"
+    judged = _judged(built)
+    prefs.mkdir()
+    (prefs / "judged.json").write_text(json.dumps(judged))
+    write_records(prefs / "preferences.json", [preference_record(r) for r in judged if r["dropped"] is None])
+    params = load_params("params.yaml", overrides={"reward_model": STAGE})
+    return params, prefs, judged
+
+
+def test_the_stage_trains_saves_and_scores_every_judged_pair(staged, tmp_path):
+    params, prefs, judged = staged
+    out = tmp_path / "rm"
+    rewards = rm.run(params, preferences=prefs, policy=Path("artifacts/base"), out=out, progress=False)
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["heldout"]) == 1 and len(split["train"]) == len(judged) - 2
+    assert set(split["train"] + split["heldout"]) == {r["uid"] for r in judged if r["dropped"] is None}
+    assert split["total_steps"] == 3 * (len(judged) - 2)  # three epochs of batch 1
+    saved = json.loads((out / "rewards.json").read_text())
+    assert saved["uids"] == [r["uid"] for r in judged] and np.allclose(saved["rewards"], rewards, atol=1e-6)
+    assert rewards.shape == (len(judged), 2)
+    reward_model, processor = rm.load_reward_model(out)
+    assert reward_model.backbone.peft_config["default"].r == 4
+    scenes = json.loads(Path("data/scenes.json").read_text())
+    quality = rm.reward_quality(judged, rewards, split, scenes)
+    assert quality["pairs"] == {"train": len(judged) - 2, "heldout": 1, "unkept": 1}
+    assert quality["heldout"]["ai"]["pairs"] == 1 and quality["unkept"]["judge"]["pairs"] == 1
+    assert quality["oracle"]["judge"] == {"accuracy": 1.0, "pairs": 2}  # the hand-made labels are the oracle's
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_model(staged, tmp_path):
+    params, prefs, _ = staged
+    places = {"preferences": prefs, "policy": Path("artifacts/base")}
+    rm.train(params, **places, out=tmp_path / "whole", checkpoints=tmp_path / "ckpt_whole")
+    rm.train(params, **places, out=tmp_path / "first", checkpoints=tmp_path / "ckpt")
+    last = max((tmp_path / "ckpt").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    shutil.rmtree(last)  # killed before its final checkpoint: the one before it remains
+    assert not (tmp_path / "ckpt" / last.name).exists() and list((tmp_path / "ckpt").glob("checkpoint-*"))
+    rm.train(params, **places, out=tmp_path / "resumed", checkpoints=tmp_path / "ckpt")
+    split = json.loads((tmp_path / "resumed" / "split.json").read_text())
+    assert split["resumed_from"] is not None and split["resumed_from"] != str(last)
+    for name in (rm.HEAD_FILE, f"{rm.ADAPTER_DIR}/adapter_model.safetensors"):
+        whole, resumed = load_file(tmp_path / "whole" / name), load_file(tmp_path / "resumed" / name)
+        for key in whole:
+            torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
+    checkpoint = sorted((tmp_path / "ckpt").glob("checkpoint-*"))[0]
+    assert not list(checkpoint.glob("model*.safetensors"))  # the frozen base is never copied into a checkpoint
+
+
+def test_too_long_pairs_and_missing_context_are_named(staged, tmp_path):
+    params, prefs, _ = staged
+    places = {"preferences": prefs, "policy": Path("artifacts/base")}
+    short = load_params("params.yaml", overrides={"reward_model": STAGE | {"max_length": 20}})
+    with pytest.raises(ValueError, match=r"preference pairs \(uids .*\): .* exceed reward_model.max_length 20"):
+        rm.train(short, **places, out=tmp_path / "a", checkpoints=tmp_path / "ca")
+    pairs = json.loads((prefs / "preferences.json").read_text())
+    (prefs / "preferences.json").write_text(json.dumps([{k: v for k, v in p.items() if k != "context"} for p in pairs]))
+    with_context = load_params("params.yaml", overrides={"reward_model": STAGE | {"context_in_instruction": True}})
+    with pytest.raises(ValueError, match=r"uid \d+: reward_model.context_in_instruction is set"):
+        rm.train(with_context, **places, out=tmp_path / "b", checkpoints=tmp_path / "cb")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_reward_quality_counts_against_the_oracle(built):
+    scenes = json.loads((built / "data" / "scenes.json").read_text())
+    judged = _judged(built)
+    n = len(judged)
+    right = np.array([[1.0, 0.0] if r["preference"] == 1 else [0.0, 1.0] for r in judged])
+    split = {"train": [judged[0]["uid"]], "heldout": [judged[1]["uid"]]}
+    good = rm.reward_quality(judged, right, split, scenes)
+    assert good["pairs"] == {"train": 1, "heldout": 1, "unkept": n - 2}
+    assert good["heldout"]["ai"]["accuracy"] == good["heldout"]["oracle"]["accuracy"] == 1.0
+    assert good["oracle"]["reward_model"] == {"accuracy": 1.0, "pairs": n - 1}
+    assert good["oracle"]["reward_correlation"] > 0.5 and good["oracle"]["margin_correlation"] > 0.5
+    flipped = rm.reward_quality(judged, right[:, ::-1], split, scenes)
+    assert flipped["oracle"]["reward_model"]["accuracy"] == 0.0 and flipped["unkept"]["judge"]["accuracy"] == 0.0
+    assert flipped["oracle"]["judge"]["accuracy"] == 1.0  # the judge's own agreement does not depend on the rewards
+    blind = rm.reward_quality(judged, right, split, None)
+    assert "oracle" not in blind and blind["rewards"]["mean"] == pytest.approx(0.5)
+
+
+def test_the_notebook_runs_under_papermill_and_writes_metrics_and_figure(staged, tmp_path):
+    params, prefs, judged = staged
+    if not Path("artifacts/sft").exists():
+        shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
+    shutil.rmtree("artifacts/preferences", ignore_errors=True)
+    shutil.copytree(prefs, "artifacts/preferences")
+    settings = Path("params.yaml").read_text()
+    Path("params.yaml").write_text(yaml.safe_dump(yaml.safe_load(settings) | {"reward_model": STAGE}))
+    shutil.copy(ROOT / "notebooks" / "05_reward_model.ipynb", "05_reward_model.ipynb")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml", "05_reward_model.ipynb", "out.ipynb"]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+    finally:
+        Path("params.yaml").write_text(settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(Path("reports/metrics/reward_model.json").read_text())
+    assert metrics["pairs"] == {"train": len(judged) - 2, "heldout": 1, "unkept": 1} and metrics["steps"] == 3 * (len(judged) - 2)
+    assert metrics["oracle"]["reward_model"]["pairs"] == 2 and metrics["final_loss"] > 0
+    assert Path("reports/figures/reward_model.png").stat().st_size > 0
+    assert rm.load_reward_model("artifacts/reward_model")[0].backbone.peft_config["default"].r == 4

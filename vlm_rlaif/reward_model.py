@@ -1,0 +1,433 @@
+"""The reward model: a video LMM that reads a response and returns one number.
+
+It sees the conversation, the response as the assistant's turn, and then an evaluation
+instruction (`prompts/reward.txt`) asking it to rate that response; the hidden state of the
+input's last token goes through a linear head (bias zero at the start) to the reward. The
+backbone is a fresh LoRA adapter on a frozen base: the SFT model by default, or the model
+`reward_model.base` names (the paper scores its 7B policy with a 13B reward model). Trained on
+the AI preferences with the Bradley-Terry loss plus a small term that keeps the rewards
+centred on zero (PAPER.md), through transformers' `Trainer`, checkpointing only the adapter
+and the head, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlm_rlaif import data, io, modeling, prompts, stage, video
+from vlm_rlaif.config import Params, RewardModelConfig, load_params
+from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
+from vlm_rlaif.generation import encode_video_list, with_features
+from vlm_rlaif.modeling import build_inputs, load_model_and_processor
+from vlm_rlaif.video import load_video
+
+OUT = Path("artifacts/reward_model")
+CHECKPOINTS = Path("artifacts/checkpoints/reward_model")
+PREFERENCES = Path("artifacts/preferences")
+HEAD_FILE = "reward_head.safetensors"
+ADAPTER_DIR = "adapter"
+CONFIG_FILE = "reward_model.json"
+
+
+def reward_conversation(question: str, response: str, context: Sequence[str] | None = None) -> list[dict]:
+    """The turns the reward model reads: the question (with the video placeholder), the
+    response as the assistant's reply, then the evaluation instruction, with the clip
+    captions in it when given."""
+    return [
+        {"from": "human", "value": question},
+        {"from": "gpt", "value": response},
+        {"from": "human", "value": prompts.reward_instruction(prompts.format_context(list(context)) if context else None)},
+    ]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, whichever side the padding is on."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, centering_coef: float) -> torch.Tensor:
+    """Bradley-Terry, -log sigmoid(r_chosen - r_rejected) averaged, plus `centering_coef`
+    times |mean(r_chosen + r_rejected)|: the loss sees only differences, and the term
+    anchors the rewards' level at zero for PPO."""
+    margin = chosen - rejected
+    return F.binary_cross_entropy_with_logits(margin, torch.ones_like(margin)) + centering_coef * (chosen + rejected).mean().abs()
+
+
+class RewardModel(nn.Module):
+    """A backbone (a LLaVA-style model, LoRA-wrapped or not) and a scalar head in float32."""
+
+    def __init__(self, backbone: PreTrainedModel, head: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.get_text_config().hidden_size
+        if head is None:
+            head = nn.Linear(hidden, 1)
+            nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
+            nn.init.zeros_(head.bias)
+        self.head = head.to(device=backbone.device, dtype=torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def _body(self) -> nn.Module:
+        """The model without its language-model head: the reward reads hidden states, and
+        [batch, length, vocabulary] logits would be wasted memory at 7B."""
+        model = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return model.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
+        """One reward per row, from the hidden state of its last real token."""
+        hidden = self._body()(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.head(last.float()).squeeze(-1)
+
+
+@torch.no_grad()
+def score(
+    reward_model: RewardModel,
+    processor: ProcessorMixin,
+    videos: Sequence[np.ndarray],
+    conversations: Sequence[list[dict]],
+    *,
+    features: Sequence[torch.Tensor] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Rewards for rows of (frames, `reward_conversation`): what PPO asks of the reward model.
+    `features` (from `generation.encode_video_list`, one per row) skip the vision tower."""
+    if len(videos) != len(conversations) or (features is not None and len(features) != len(conversations)):
+        raise ValueError(f"score: {len(videos)} videos, {len(conversations)} conversations, "
+                         f"{'no' if features is None else len(features)} features: give one of each per row")
+    was_training = reward_model.training
+    reward_model.eval()
+    rewards = []
+    try:
+        for start in tqdm(range(0, len(conversations), batch_size), desc="rewards", disable=not progress):
+            stop = start + batch_size
+            inputs = build_inputs(processor, list(videos[start:stop]), list(conversations[start:stop]), add_generation_prompt=False)
+            inputs = inputs.to(reward_model.device)
+            kwargs = with_features(inputs, features[start:stop]) if features is not None else dict(inputs)
+            rewards.append(reward_model(**kwargs).float().cpu())
+    finally:
+        reward_model.train(was_training)
+    return torch.cat(rewards) if rewards else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_weights(reward_model: RewardModel, out: Path) -> None:
+    """The trained part only: the adapter (peft's safetensors) and the head."""
+    reward_model.backbone.save_pretrained(out / ADAPTER_DIR)
+    save_file({k: v.detach().cpu().contiguous() for k, v in reward_model.head.state_dict().items()}, out / HEAD_FILE)
+
+
+def load_weights(reward_model: RewardModel, folder: Path) -> None:
+    """Put the adapter and head `save_weights` wrote back into `reward_model`."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(reward_model.backbone, load_file(folder / ADAPTER_DIR / "adapter_model.safetensors"))
+    reward_model.head.load_state_dict(load_file(folder / HEAD_FILE))
+
+
+def save_reward_model(reward_model: RewardModel, processor: ProcessorMixin, out: Path, base: str | os.PathLike) -> None:
+    """Adapter, head, processor, and the base the adapter sits on: `load_reward_model` needs
+    only the folder's path."""
+    save_weights(reward_model, out)
+    processor.save_pretrained(out / ADAPTER_DIR)
+    io.write_json(out / CONFIG_FILE, {"base": str(base), "hidden_size": reward_model.head.in_features})
+
+
+def load_reward_model(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[RewardModel, ProcessorMixin]:
+    """A saved reward model and its processor: the base by the path it was saved with (relative
+    paths from the repo root), the adapter on it, the head."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a saved reward model")
+    saved = io.read_json(path / CONFIG_FILE)
+    model, processor = load_model_and_processor(saved["base"], dtype=dtype)
+    backbone = PeftModel.from_pretrained(model, path / ADAPTER_DIR)
+    head = nn.Linear(saved["hidden_size"], 1)
+    head.load_state_dict(load_file(path / HEAD_FILE))
+    return RewardModel(backbone, head).eval(), processor
+
+
+# --------------------------------------------------------------------------- training
+
+
+def split_heldout(records: Sequence[PreferenceRecord], heldout: float, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """(train, held out): `heldout` below 1 is a share of the pairs, from 1 up a count (the
+    paper holds out 500); at least one pair on each side."""
+    n = len(records)
+    count = round(heldout * n) if heldout < 1 else int(heldout)
+    count = max(1, count)
+    if n - count < 1:
+        raise ValueError(f"reward_model.heldout {heldout}: {n} preference pairs leave nothing to train on after holding out {count}")
+    held = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def _context(record: PreferenceRecord | Mapping, wanted: bool, where: str) -> list[str] | None:
+    """The record's clip captions when the instruction carries them, else None."""
+    if not wanted:
+        return None
+    extra = record.extra if isinstance(record, PreferenceRecord) else record
+    if not extra.get("context"):
+        raise ValueError(f"{where}: reward_model.context_in_instruction is set but the record has no clip-caption \"context\"")
+    return extra["context"]
+
+
+class PairCollator:
+    """Preference pairs -> one batch: the chosen rows, then the rejected rows (same videos)."""
+
+    def __init__(self, processor: ProcessorMixin, video_root: str | os.PathLike, num_frames: int, cfg: RewardModelConfig):
+        self.processor, self.video_root, self.num_frames, self.cfg = processor, video_root, num_frames, cfg
+
+    def __call__(self, records: Sequence[PreferenceRecord]) -> dict:
+        videos = [load_video(r.media(self.video_root), self.num_frames) for r in records]
+        rows = []
+        for side in ("chosen", "rejected"):
+            for r in records:
+                where = f"preference pair uid {r.extra.get('uid', '?')}"
+                rows.append(reward_conversation(r.conversations[0].value, getattr(r, side), _context(r, self.cfg.context_in_instruction, where)))
+        batch = dict(build_inputs(self.processor, videos + videos, rows, add_generation_prompt=False))
+        if batch["input_ids"].shape[1] > self.cfg.max_length:
+            uids = [r.extra.get("uid", "?") for r in records]
+            raise ValueError(f"preference pairs (uids {uids}): {batch['input_ids'].shape[1]} tokens exceed reward_model.max_length "
+                             f"{self.cfg.max_length}; the instruction at the end would be cut: raise it")
+        return batch
+
+
+class RewardTrainer(Trainer):
+    """Bradley-Terry on the [chosen; rejected] rows of each batch; checkpoints hold the
+    adapter and head only (the frozen base is the same for every checkpoint)."""
+
+    def __init__(self, *args, centering_coef: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.centering_coef = centering_coef
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = model(**inputs).chunk(2)
+        loss = preference_loss(chosen, rejected, self.centering_coef)
+        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            save_weights(self.accelerator.unwrap_model(self.model), Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_weights(self.accelerator.unwrap_model(model if model is not None else self.model), Path(resume_from_checkpoint))
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, records: list[PreferenceRecord]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> PreferenceRecord:
+        return self.records[i]
+
+
+def rm_base(params: Params, policy: Path) -> Path | str:
+    """The model the reward model's adapter sits on: `reward_model.base`, else the SFT model."""
+    return params.reward_model.base or policy
+
+
+def fingerprint(params: Params, pairs: Path, base: Path | str) -> str:
+    """What a checkpoint was trained from: a checkpoint of another run is never resumed."""
+    code = [Path(m.__file__) for m in (sys.modules[__name__], data, modeling, video, prompts)]
+    settings = {"reward_model": dataclasses.asdict(params.reward_model), "seed": params.seed, "num_frames": params.data.num_frames}
+    models = [base] if Path(base).is_dir() else []
+    return io.run_stamp(code, settings | {"base": str(base), "instruction": prompts.load("reward")}, [pairs], models)
+
+
+def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("artifacts/sft"),
+          out: Path = OUT, checkpoints: Path = CHECKPOINTS) -> Path:
+    """Train the reward model on `preferences/preferences.json`, holding out
+    `reward_model.heldout` pairs; save it to `out` with the split it used."""
+    cfg = params.reward_model
+    pairs_file = preferences / "preferences.json"
+    records = read_preferences(pairs_file).records
+    if not records:
+        raise ValueError(f"{pairs_file}: no preference pairs to train a reward model on")
+    train_set, heldout = split_heldout(records, cfg.heldout, params.seed)
+    base = rm_base(params, policy)
+
+    state = PartialState()
+    cuda = torch.cuda.is_available()
+    total_steps = math.ceil(cfg.epochs * math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * state.num_processes)))
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+        warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+        logging_steps=max(1, total_steps // 100),
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        remove_unused_columns=False,
+        seed=params.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+    if state.is_main_process:
+        io.claim(checkpoints, fingerprint(params, pairs_file, base))
+    state.wait_for_everyone()
+    resume = get_last_checkpoint(str(checkpoints))
+
+    model, processor = load_model_and_processor(base, dtype=params.base.dtype)
+    set_seed(params.seed)  # the adapter's and the head's initial weights are drawn: the same in every run
+    reward_model = RewardModel(modeling.add_lora(model, cfg.lora))
+    trainer = RewardTrainer(
+        model=reward_model, args=args, train_dataset=_Pairs(train_set), centering_coef=cfg.centering_coef,
+        data_collator=PairCollator(processor, params.data.video_root, params.data.num_frames, cfg),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+
+    if trainer.is_world_process_zero():
+        with io.atomic_dir(out) as tmp:
+            save_reward_model(reward_model, processor, tmp, base)
+            io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
+            io.write_json(tmp / "split.json", {
+                "train": [r.extra.get("uid") for r in train_set], "heldout": [r.extra.get("uid") for r in heldout],
+                "total_steps": trainer.state.global_step, "resumed_from": resume,
+            })
+    state.wait_for_everyone()
+    return out
+
+
+# --------------------------------------------------------------------------- measured quality
+
+
+def reward_pairs(
+    reward_model: RewardModel,
+    processor: ProcessorMixin,
+    records: Sequence[Mapping],
+    *,
+    video_root: str | os.PathLike,
+    num_frames: int,
+    context_in_instruction: bool,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> np.ndarray:
+    """[N, 2] rewards of each record's output_1 and output_2 (judged records of the
+    preferences stage, or its preference records: both carry the prompt's uid), each video
+    encoded once for both."""
+    media: list = []
+    video_of: list[int] = []
+    for i, r in enumerate(records):
+        source = RLPrompt.from_dict(r, f"pair {i}").media(video_root)
+        if source not in media:
+            media.append(source)
+        video_of.append(media.index(source))
+    videos = [load_video(source, num_frames) for source in media]
+    features = encode_video_list(reward_model.backbone, processor, videos, batch_size)
+    rows = [reward_conversation(r["conversations"][0]["value"], r[key]["value"], _context(r, context_in_instruction, f"uid {r['uid']}"))
+            for key in ("output_1", "output_2") for r in records]
+    rewards = score(reward_model, processor, [videos[v] for v in video_of] * 2, rows,
+                    features=[features[v] for v in video_of] * 2, batch_size=batch_size, progress=progress)
+    return rewards.view(2, len(records)).T.numpy()
+
+
+def _accuracy(winners: Mapping[int, int], labels: Mapping[int, int | None], rows: Sequence[int]) -> dict:
+    """How often `winners` match `labels` on `rows` (rows without a label are left out)."""
+    scored = [i for i in rows if labels.get(i) is not None]
+    return {"accuracy": sum(winners[i] == labels[i] for i in scored) / len(scored) if scored else None, "pairs": len(scored)}
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 else None
+
+
+def reward_quality(judged: Sequence[Mapping], rewards: np.ndarray, split: Mapping[str, list], scenes: Mapping[str, Mapping] | None) -> dict:
+    """How the reward model ranks pairs it did not train on. `judged` are the preferences
+    stage's judged records (those with a verdict), `rewards` their [N, 2] rewards, `split`
+    the uids it trained on and held out. Held-out pairs are scored against their AI label;
+    pairs the judge dropped against its averaged verdict; both against the oracle where the
+    world has one, next to the judge's own agreement on the same pairs, with the correlation
+    of rewards (and of reward margins within a pair) with the oracle's scores."""
+    from vlm_rlaif.preferences import oracle_scores, oracle_verdict
+
+    if len(judged) != len(rewards):
+        raise ValueError(f"reward_quality: {len(judged)} judged records, {len(rewards)} reward pairs")
+    trained, heldout = set(split["train"]), set(split["heldout"])
+    held = [i for i, r in enumerate(judged) if r["uid"] in heldout]
+    unkept = [i for i, r in enumerate(judged) if r["uid"] not in trained | heldout]
+    winners = {i: 1 if rewards[i, 0] > rewards[i, 1] else 2 for i in range(len(judged))}
+    ai = {i: r["preference"] for i, r in enumerate(judged)}
+    quality = {
+        "pairs": {"train": len(trained), "heldout": len(held), "unkept": len(unkept)},
+        "heldout": {"ai": _accuracy(winners, ai, held)},
+        "unkept": {"judge": _accuracy(winners, ai, unkept)},
+        "rewards": {"mean": float(rewards.mean()), "std": float(rewards.std())},
+    }
+    if scenes is not None:
+        truth = {i: oracle_verdict(r, scenes) for i, r in enumerate(judged)}
+        unseen = held + unkept
+        scores = np.array([oracle_scores(judged[i], scenes) for i in unseen]).reshape(-1, 2)
+        quality["heldout"]["oracle"] = _accuracy(winners, truth, held)
+        quality["unkept"]["oracle"] = _accuracy(winners, truth, unkept)
+        kinds = sorted({judged[i].get("type", "describe") for i in unseen})
+        quality["oracle"] = {
+            "reward_model": _accuracy(winners, truth, unseen),
+            "judge": _accuracy(ai, truth, unseen),
+            "by_kind": {k: _accuracy(winners, truth, [i for i in unseen if judged[i].get("type", "describe") == k]) for k in kinds},
+            "reward_correlation": _pearson(rewards[unseen].ravel(), scores.ravel()),
+            "margin_correlation": _pearson(rewards[unseen, 0] - rewards[unseen, 1], scores[:, 0] - scores[:, 1]),
+        }
+    return quality
+
+
+def run(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("artifacts/sft"), out: Path = OUT,
+        progress: bool = True) -> np.ndarray:
+    """The stage: train (resuming from the last checkpoint of the same run), in
+    `reward_model.num_processes` processes if asked, then the rewards of every judged pair
+    (`out/rewards.json`), the input of `reward_quality`."""
+    stage.launch(params, lambda p: train(p, preferences, policy, out), "vlm_rlaif.reward_model", params.reward_model.num_processes)
+    judged = [r for r in io.read_json(preferences / "judged.json") if r["judge"] is not None]
+    reward_model, processor = load_reward_model(out, dtype=params.base.dtype)
+    rewards = reward_pairs(
+        reward_model, processor, judged, video_root=params.data.video_root, num_frames=params.data.num_frames,
+        context_in_instruction=params.reward_model.context_in_instruction, batch_size=params.reward_model.batch_size, progress=progress,
+    )
+    io.write_json(out / "rewards.json", {"uids": [r["uid"] for r in judged], "rewards": rewards.round(6).tolist()})
+    return rewards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.reward_model", description="Train the video reward model.")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    train(load_params(args.params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
