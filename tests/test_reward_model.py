@@ -65,21 +65,27 @@ def test_last_token_index_with_either_padding():
     assert rm.last_token_index(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist() == [4, 4]
 
 
+def _ask(question: str) -> list[dict]:
+    return [{"from": "human", "value": f"<image>\n{question}"}]
+
+
 def test_the_head_reads_the_last_real_token_with_left_or_right_padding(tiny_path):
     reward_model, processor = _reward_model(tiny_path)
     videos = _videos(2)
-    rows = [rm.reward_conversation("<image>\nWhat colour?", "Green."),
-            rm.reward_conversation("<image>\nDescribe the video.", "A red circle moves from left to right, then a blue square enters.")]
-    alone = [rm.score(reward_model, processor, [v], [c])[0].item() for v, c in zip(videos, rows)]
+    asked = [_ask("What colour?"), _ask("Describe the video.")]
+    responses = ["Green.", "A red circle moves from left to right, then a blue square enters."]
+    alone = [rm.score(reward_model, processor, [v], [p], [r])[0].item() for v, p, r in zip(videos, asked, responses)]
     assert abs(alone[0] - alone[1]) > 1e-3  # different inputs, different rewards: the comparison below can fail
+    rows = [rm.reward_conversation(p, r) for p, r in zip(asked, responses)]
     for side in ("left", "right"):
         inputs = build_inputs(processor, videos, rows, add_generation_prompt=False, padding_side=side)
         assert (inputs["attention_mask"] == 0).any()  # the short row really is padded
         with torch.no_grad():
             assert reward_model(**inputs).tolist() == pytest.approx(alone, abs=1e-5)
-    # the instruction's last token is the one scored: the same response with no instruction scores otherwise
-    bare = [rows[0][:2]]
-    assert rm.score(reward_model, processor, videos[:1], bare)[0].item() != pytest.approx(alone[0], abs=1e-4)
+    # the scored token is the instruction's last: the same response without the instruction scores otherwise
+    inputs = build_inputs(processor, videos[:1], [rows[0][:2]], add_generation_prompt=False)
+    with torch.no_grad():
+        assert reward_model(**inputs).item() != pytest.approx(alone[0], abs=1e-4)
 
 
 def test_save_and_load_give_identical_rewards(tiny_path, tmp_path):
@@ -87,26 +93,32 @@ def test_save_and_load_give_identical_rewards(tiny_path, tmp_path):
     with torch.no_grad():
         reward_model.head.bias.fill_(0.25)
     videos = _videos(3)
-    rows = [rm.reward_conversation("<image>\nWhat colour?", answer, ["A green circle.", "It stays."] if i == 2 else None)
-            for i, answer in enumerate(["Green.", "Red.", "Green."])]
-    before = rm.score(reward_model, processor, videos, rows, batch_size=2)
+    rows = dict(prompts=[_ask("What colour?")] * 3, responses=["Green.", "Red.", "Green."],
+                contexts=[None, None, ["A green circle.", "It stays."]])
+    before = rm.score(reward_model, processor, videos, **rows, batch_size=2)
+    assert before[0] != before[2]  # the context in the instruction is read
     rm.save_reward_model(reward_model, processor, tmp_path / "rm", base=tiny_path)
     assert {p.name for p in (tmp_path / "rm").iterdir()} == {rm.ADAPTER_DIR, rm.HEAD_FILE, rm.CONFIG_FILE}
     assert not any("vision_tower" in k or "lora" not in k for k in load_file(tmp_path / "rm" / rm.ADAPTER_DIR / "adapter_model.safetensors"))
     loaded, loaded_processor = rm.load_reward_model(tmp_path / "rm")
-    after = rm.score(loaded, loaded_processor, videos, rows, batch_size=3)
+    after = rm.score(loaded, loaded_processor, videos, **rows, batch_size=3)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="not a saved reward model"):
         rm.load_reward_model(tmp_path)
+    with pytest.raises(ValueError, match="score: 3 videos, 3 prompts, 2 responses"):
+        rm.score(loaded, loaded_processor, videos, rows["prompts"], rows["responses"][:2])
 
 
-def test_the_context_goes_into_the_instruction_only_when_asked():
-    plain = rm.reward_conversation("<image>\nWhat happens?", "A circle moves.")
-    with_context = rm.reward_conversation("<image>\nWhat happens?", "A circle moves.", ["A red circle.", "It leaves."])
-    assert [t["from"] for t in plain] == ["human", "gpt", "human"] and plain[1]["value"] == "A circle moves."
-    assert plain[2]["value"] == prompts.reward_instruction() and "Clip" not in plain[2]["value"]
-    assert "Clip 1: A red circle.\nClip 2: It leaves." in with_context[2]["value"]
-    assert with_context[2]["value"].startswith(plain[2]["value"].split("\n")[0])
+def test_the_reward_models_input_is_prompt_response_instruction_with_the_context_only_when_asked():
+    two_turns = [*_ask("What happens?"), {"from": "gpt", "value": "A circle moves."}, {"from": "human", "value": "And then?"}]
+    plain = rm.reward_conversation(two_turns, "It leaves.")
+    with_context = rm.reward_conversation(_ask("What happens?"), "It leaves.", ["A red circle.", "It leaves."])
+    assert [t["from"] for t in plain] == ["human", "gpt", "human", "gpt", "human"] and plain[3]["value"] == "It leaves."
+    assert plain[-1]["value"] == prompts.reward_instruction() and "Clip" not in plain[-1]["value"]
+    assert "Clip 1: A red circle.\nClip 2: It leaves." in with_context[-1]["value"]
+    assert with_context[-1]["value"].startswith(plain[-1]["value"])
+    with pytest.raises(ValueError, match="the prompt must end with a human turn"):
+        rm.reward_conversation(two_turns[:2], "It leaves.")
 
 
 def test_held_out_split_is_a_share_or_a_count_and_never_empties_training():
@@ -118,6 +130,8 @@ def test_held_out_split_is_a_share_or_a_count_and_never_empties_training():
     assert len(rm.split_heldout(records, 0.001, seed=0)[1]) == 1
     with pytest.raises(ValueError, match="reward_model.heldout 40: 40 preference pairs leave nothing"):
         rm.split_heldout(records, 40, seed=0)
+    with pytest.raises(ValueError, match="reward_model.heldout 2.5: from 1 up it is a count"):
+        rm.split_heldout(records, 2.5, seed=0)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -205,7 +219,7 @@ def test_too_long_pairs_and_missing_context_are_named(staged, tmp_path):
     pairs = json.loads((prefs / "preferences.json").read_text())
     (prefs / "preferences.json").write_text(json.dumps([{k: v for k, v in p.items() if k != "context"} for p in pairs]))
     with_context = load_params("params.yaml", overrides={"reward_model": STAGE | {"context_in_instruction": True}})
-    with pytest.raises(ValueError, match=r"uid \d+: reward_model.context_in_instruction is set"):
+    with pytest.raises(ValueError, match=r"preference pair uid \d+: reward_model.context_in_instruction is set"):
         rm.train(with_context, **places, out=tmp_path / "b", checkpoints=tmp_path / "cb")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlm_rlaif import data, io, modeling, prompts, stage, video
+from vlm_rlaif import data, io, modeling, prompts as prompt_files, stage, video
 from vlm_rlaif.config import Params, RewardModelConfig, load_params
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
 from vlm_rlaif.generation import encode_video_list, with_features
@@ -45,14 +45,17 @@ ADAPTER_DIR = "adapter"
 CONFIG_FILE = "reward_model.json"
 
 
-def reward_conversation(question: str, response: str, context: Sequence[str] | None = None) -> list[dict]:
-    """The turns the reward model reads: the question (with the video placeholder), the
-    response as the assistant's reply, then the evaluation instruction, with the clip
-    captions in it when given."""
+def reward_conversation(prompt: Sequence[Mapping], response: str, context: Sequence[str] | None = None) -> list[dict]:
+    """The turns the reward model reads: the prompt's turns (ending with the human turn the
+    response answers; the first carries the video placeholder), the response as the
+    assistant's reply, then the evaluation instruction, the clip captions in it when given."""
+    turns = [dict(t) for t in prompt]
+    if not turns or turns[-1].get("from") not in ("human", "user"):
+        raise ValueError(f"reward_conversation: the prompt must end with a human turn, got {[t.get('from') for t in turns]}")
     return [
-        {"from": "human", "value": question},
+        *turns,
         {"from": "gpt", "value": response},
-        {"from": "human", "value": prompts.reward_instruction(prompts.format_context(list(context)) if context else None)},
+        {"from": "human", "value": prompt_files.reward_instruction(prompt_files.format_context(list(context)) if context else None)},
     ]
 
 
@@ -104,24 +107,30 @@ def score(
     reward_model: RewardModel,
     processor: ProcessorMixin,
     videos: Sequence[np.ndarray],
-    conversations: Sequence[list[dict]],
+    prompts: Sequence[Sequence[Mapping]],
+    responses: Sequence[str],
     *,
+    contexts: Sequence[Sequence[str] | None] | None = None,
     features: Sequence[torch.Tensor] | None = None,
     batch_size: int = 8,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Rewards for rows of (frames, `reward_conversation`): what PPO asks of the reward model.
-    `features` (from `generation.encode_video_list`, one per row) skip the vision tower."""
-    if len(videos) != len(conversations) or (features is not None and len(features) != len(conversations)):
-        raise ValueError(f"score: {len(videos)} videos, {len(conversations)} conversations, "
-                         f"{'no' if features is None else len(features)} features: give one of each per row")
+    """The reward of each (video frames, prompt turns, response) row: what PPO asks of the
+    reward model. `contexts` (clip captions per row) go into the instruction; `features`
+    (from `generation.encode_video_list`, one per row) skip the vision tower."""
+    rows = len(responses)
+    if len(videos) != rows or len(prompts) != rows or any(x is not None and len(x) != rows for x in (contexts, features)):
+        raise ValueError(f"score: {len(videos)} videos, {len(prompts)} prompts, {rows} responses, "
+                         f"{'no' if contexts is None else len(contexts)} contexts, {'no' if features is None else len(features)} features: "
+                         "give one of each per row")
+    conversations = [reward_conversation(p, r, None if contexts is None else contexts[i]) for i, (p, r) in enumerate(zip(prompts, responses))]
     was_training = reward_model.training
     reward_model.eval()
     rewards = []
     try:
-        for start in tqdm(range(0, len(conversations), batch_size), desc="rewards", disable=not progress):
+        for start in tqdm(range(0, rows, batch_size), desc="rewards", disable=not progress):
             stop = start + batch_size
-            inputs = build_inputs(processor, list(videos[start:stop]), list(conversations[start:stop]), add_generation_prompt=False)
+            inputs = build_inputs(processor, list(videos[start:stop]), conversations[start:stop], add_generation_prompt=False)
             inputs = inputs.to(reward_model.device)
             kwargs = with_features(inputs, features[start:stop]) if features is not None else dict(inputs)
             rewards.append(reward_model(**kwargs).float().cpu())
@@ -178,6 +187,8 @@ def split_heldout(records: Sequence[PreferenceRecord], heldout: float, seed: int
     """(train, held out): `heldout` below 1 is a share of the pairs, from 1 up a count (the
     paper holds out 500); at least one pair on each side."""
     n = len(records)
+    if heldout >= 1 and heldout != int(heldout):
+        raise ValueError(f"reward_model.heldout {heldout}: from 1 up it is a count of pairs and must be whole")
     count = round(heldout * n) if heldout < 1 else int(heldout)
     count = max(1, count)
     if n - count < 1:
@@ -186,13 +197,13 @@ def split_heldout(records: Sequence[PreferenceRecord], heldout: float, seed: int
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def _context(record: PreferenceRecord | Mapping, wanted: bool, where: str) -> list[str] | None:
+def _context(record: PreferenceRecord | Mapping, wanted: bool, uid) -> list[str] | None:
     """The record's clip captions when the instruction carries them, else None."""
     if not wanted:
         return None
     extra = record.extra if isinstance(record, PreferenceRecord) else record
     if not extra.get("context"):
-        raise ValueError(f"{where}: reward_model.context_in_instruction is set but the record has no clip-caption \"context\"")
+        raise ValueError(f"preference pair uid {uid}: reward_model.context_in_instruction is set but the record has no clip-caption \"context\"")
     return extra["context"]
 
 
@@ -204,11 +215,10 @@ class PairCollator:
 
     def __call__(self, records: Sequence[PreferenceRecord]) -> dict:
         videos = [load_video(r.media(self.video_root), self.num_frames) for r in records]
-        rows = []
-        for side in ("chosen", "rejected"):
-            for r in records:
-                where = f"preference pair uid {r.extra.get('uid', '?')}"
-                rows.append(reward_conversation(r.conversations[0].value, getattr(r, side), _context(r, self.cfg.context_in_instruction, where)))
+        rows = [
+            reward_conversation([r.conversations[0].to_dict()], getattr(r, side), _context(r, self.cfg.context_in_instruction, r.extra.get("uid", "?")))
+            for side in ("chosen", "rejected") for r in records
+        ]
         batch = dict(build_inputs(self.processor, videos + videos, rows, add_generation_prompt=False))
         if batch["input_ids"].shape[1] > self.cfg.max_length:
             uids = [r.extra.get("uid", "?") for r in records]
@@ -238,28 +248,12 @@ class RewardTrainer(Trainer):
         load_weights(self.accelerator.unwrap_model(model if model is not None else self.model), Path(resume_from_checkpoint))
 
 
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, records: list[PreferenceRecord]):
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> PreferenceRecord:
-        return self.records[i]
-
-
-def rm_base(params: Params, policy: Path) -> Path | str:
-    """The model the reward model's adapter sits on: `reward_model.base`, else the SFT model."""
-    return params.reward_model.base or policy
-
-
 def fingerprint(params: Params, pairs: Path, base: Path | str) -> str:
     """What a checkpoint was trained from: a checkpoint of another run is never resumed."""
-    code = [Path(m.__file__) for m in (sys.modules[__name__], data, modeling, video, prompts)]
+    code = [Path(m.__file__) for m in (sys.modules[__name__], data, modeling, video, prompt_files)]
     settings = {"reward_model": dataclasses.asdict(params.reward_model), "seed": params.seed, "num_frames": params.data.num_frames}
     models = [base] if Path(base).is_dir() else []
-    return io.run_stamp(code, settings | {"base": str(base), "instruction": prompts.load("reward")}, [pairs], models)
+    return io.run_stamp(code, settings | {"base": str(base), "instruction": prompt_files.load("reward")}, [pairs], models)
 
 
 def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("artifacts/sft"),
@@ -272,7 +266,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
     if not records:
         raise ValueError(f"{pairs_file}: no preference pairs to train a reward model on")
     train_set, heldout = split_heldout(records, cfg.heldout, params.seed)
-    base = rm_base(params, policy)
+    base = cfg.base or policy  # the paper's reward model sits on a larger SFT model than its policy
 
     state = PartialState()
     cuda = torch.cuda.is_available()
@@ -305,7 +299,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
     set_seed(params.seed)  # the adapter's and the head's initial weights are drawn: the same in every run
     reward_model = RewardModel(modeling.add_lora(model, cfg.lora))
     trainer = RewardTrainer(
-        model=reward_model, args=args, train_dataset=_Pairs(train_set), centering_coef=cfg.centering_coef,
+        model=reward_model, args=args, train_dataset=train_set, centering_coef=cfg.centering_coef,
         data_collator=PairCollator(processor, params.data.video_root, params.data.num_frames, cfg),
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -348,10 +342,12 @@ def reward_pairs(
         video_of.append(media.index(source))
     videos = [load_video(source, num_frames) for source in media]
     features = encode_video_list(reward_model.backbone, processor, videos, batch_size)
-    rows = [reward_conversation(r["conversations"][0]["value"], r[key]["value"], _context(r, context_in_instruction, f"uid {r['uid']}"))
-            for key in ("output_1", "output_2") for r in records]
-    rewards = score(reward_model, processor, [videos[v] for v in video_of] * 2, rows,
-                    features=[features[v] for v in video_of] * 2, batch_size=batch_size, progress=progress)
+    contexts = [_context(r, context_in_instruction, r["uid"]) for r in records]
+    rewards = score(
+        reward_model, processor, [videos[v] for v in video_of] * 2, [r["conversations"][:1] for r in records] * 2,
+        [r[key]["value"] for key in ("output_1", "output_2") for r in records],
+        contexts=contexts * 2, features=[features[v] for v in video_of] * 2, batch_size=batch_size, progress=progress,
+    )
     return rewards.view(2, len(records)).T.numpy()
 
 

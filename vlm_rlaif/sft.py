@@ -205,17 +205,6 @@ class CheckpointTrainer(Trainer):
         model.load_state_dict(saved.state_dict())
 
 
-class _Records(torch.utils.data.Dataset):
-    def __init__(self, records: list[SFTRecord]):
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> SFTRecord:
-        return self.records[i]
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -264,7 +253,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         set_trainable(model, cfg, params.base.family)
     collator = VideoConversationCollator(processor, params.data.video_root, params.data.num_frames, cfg.max_length)
     trainer = CheckpointTrainer(
-        model=model, args=args, data_collator=collator, train_dataset=_Records(curriculum.records),
+        model=model, args=args, data_collator=collator, train_dataset=curriculum.records,
         schedule=stage_schedule(cfg.lr_scheduler, cfg.warmup_ratio, total_steps, boundary_step),
     )
     trainer.train(resume_from_checkpoint=resume)
