@@ -210,6 +210,22 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_model(staged,
     assert not list(checkpoint.glob("model*.safetensors"))  # the frozen base is never copied into a checkpoint
 
 
+def test_the_collator_reads_every_prompt_turn_and_puts_the_chosen_rows_first(built, monkeypatch, tiny_path):
+    monkeypatch.chdir(built)
+    params = load_params("params.yaml", overrides={"reward_model": STAGE})
+    images = json.loads(Path("data/RL_data.json").read_text())[0]["images"]
+    turns = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red."},
+             {"from": "human", "value": "And its shape?"}, {"from": "gpt", "value": ""}]
+    record = PreferenceRecord.from_dict({"conversations": turns, "images": images, "output_1": {"value": "A circle."},
+                                         "output_2": {"value": "A square."}, "preference": 2}, "test")
+    processor = load_model_and_processor(tiny_path)[1]
+    batch = rm.PairCollator(processor, params.data.video_root, params.data.num_frames, params.reward_model)([record])
+    chosen, rejected = (processor.tokenizer.decode(row[mask.bool()]) for row, mask in zip(batch["input_ids"], batch["attention_mask"]))
+    for text, response in ((chosen, "A square."), (rejected, "A circle.")):
+        assert "Red." in text and "And its shape?" in text and response in text
+        assert text.index("And its shape?") < text.index(response) < text.index(prompts.reward_instruction()[:20])
+
+
 def test_too_long_pairs_and_missing_context_are_named(staged, tmp_path):
     params, prefs, _ = staged
     places = {"preferences": prefs, "policy": Path("artifacts/base")}

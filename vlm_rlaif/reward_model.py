@@ -197,7 +197,7 @@ def split_heldout(records: Sequence[PreferenceRecord], heldout: float, seed: int
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def _context(record: PreferenceRecord | Mapping, wanted: bool, uid) -> list[str] | None:
+def _context(record: PreferenceRecord | Mapping, wanted: bool, uid: object) -> list[str] | None:
     """The record's clip captions when the instruction carries them, else None."""
     if not wanted:
         return None
@@ -208,7 +208,8 @@ def _context(record: PreferenceRecord | Mapping, wanted: bool, uid) -> list[str]
 
 
 class PairCollator:
-    """Preference pairs -> one batch: the chosen rows, then the rejected rows (same videos)."""
+    """Preference pairs -> one batch: the chosen rows, then the rejected rows (same videos).
+    A record's turns before its last (the gpt slot the outputs fill) are the prompt."""
 
     def __init__(self, processor: ProcessorMixin, video_root: str | os.PathLike, num_frames: int, cfg: RewardModelConfig):
         self.processor, self.video_root, self.num_frames, self.cfg = processor, video_root, num_frames, cfg
@@ -216,7 +217,8 @@ class PairCollator:
     def __call__(self, records: Sequence[PreferenceRecord]) -> dict:
         videos = [load_video(r.media(self.video_root), self.num_frames) for r in records]
         rows = [
-            reward_conversation([r.conversations[0].to_dict()], getattr(r, side), _context(r, self.cfg.context_in_instruction, r.extra.get("uid", "?")))
+            reward_conversation([t.to_dict() for t in r.conversations[:-1]], getattr(r, side),
+                                _context(r, self.cfg.context_in_instruction, r.extra.get("uid", "?")))
             for side in ("chosen", "rejected") for r in records
         ]
         batch = dict(build_inputs(self.processor, videos + videos, rows, add_generation_prompt=False))
