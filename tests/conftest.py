@@ -1,6 +1,7 @@
 """A tiny project for stage tests (params, a generated world, and once per module its base
 model), and a tiny VLM on a few sentences for the tests of model-level code."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,24 @@ def built(tmp_path_factory):
         prepare.run(params)
         base.materialise(params, prepare.OUT)
     return root
+
+
+def hand_judged(root: Path) -> list[dict]:
+    """Judged records as the preferences stage writes them: each RL prompt's reference answer
+    against a worse one, the better one preferred; the last pair dropped as inconsistent."""
+    judged = []
+    for i, prompt in enumerate(json.loads((root / "data" / "RL_data.json").read_text())):
+        outputs = [prompt["conversations"][1]["value"], "Nothing happens."]
+        if i % 2:
+            outputs.reverse()
+        reading = {"first_as_a": 0.8, "first_as_b": 0.3, "label_mass": 1.0}
+        judged.append(prompt | {
+            "output_1": {"value": outputs[0]}, "output_2": {"value": outputs[1]}, "preference": 1 + i % 2, "margin": 0.25,
+            "judge": {"context": reading, "no_context": reading}, "context": ["A clip.", "Another clip."], "description": "A video.",
+            "dropped": None,
+        })
+    judged[-1]["dropped"] = "inconsistent"
+    return judged
 
 
 TINY_CORPUS = [

@@ -22,7 +22,7 @@ from vlm_rlaif.modeling import add_lora, build_inputs, load_model_and_processor
 from vlm_rlaif.preferences import preference_record
 from vlm_rlaif.tiny import build_tiny_model
 
-from conftest import ROOT, TINY_CORPUS, TINY_VLM
+from conftest import ROOT, TINY_CORPUS, TINY_VLM, hand_judged
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -140,30 +140,12 @@ STAGE = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj
          "epochs": 3.0, "batch_size": 1, "heldout": 1, "save_steps": 2, "max_length": 512}
 
 
-def _judged(root: Path) -> list[dict]:
-    """Judged records as the preferences stage writes them: each RL prompt's reference answer
-    against a worse one, the better one preferred; the last pair dropped as inconsistent."""
-    judged = []
-    for i, prompt in enumerate(json.loads((root / "data" / "RL_data.json").read_text())):
-        outputs = [prompt["conversations"][1]["value"], "Nothing happens."]
-        if i % 2:
-            outputs.reverse()
-        reading = {"first_as_a": 0.8, "first_as_b": 0.3, "label_mass": 1.0}
-        judged.append(prompt | {
-            "output_1": {"value": outputs[0]}, "output_2": {"value": outputs[1]}, "preference": 1 + i % 2, "margin": 0.25,
-            "judge": {"context": reading, "no_context": reading}, "context": ["A clip.", "Another clip."], "description": "A video.",
-            "dropped": None,
-        })
-    judged[-1]["dropped"] = "inconsistent"
-    return judged
-
-
 @pytest.fixture
 def staged(built, monkeypatch, tmp_path):
     """The built tiny project with AI preferences written, the base standing in for the SFT model."""
     monkeypatch.chdir(built)
     prefs = tmp_path / "preferences"
-    judged = _judged(built)
+    judged = hand_judged(built)
     prefs.mkdir()
     (prefs / "judged.json").write_text(json.dumps(judged))
     write_records(prefs / "preferences.json", [preference_record(r) for r in judged if r["dropped"] is None])
@@ -242,7 +224,7 @@ def test_too_long_pairs_and_missing_context_are_named(staged, tmp_path):
 
 def test_reward_quality_counts_against_the_oracle(built):
     scenes = json.loads((built / "data" / "scenes.json").read_text())
-    judged = _judged(built)
+    judged = hand_judged(built)
     n = len(judged)
     right = np.array([[1.0, 0.0] if r["preference"] == 1 else [0.0, 1.0] for r in judged])
     split = {"train": [judged[0]["uid"]], "heldout": [judged[1]["uid"]]}

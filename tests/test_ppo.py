@@ -1,0 +1,126 @@
+"""The PPO stage on the tiny project: the models on one base, rollouts, training, resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlm_rlaif import policy, ppo, reward_model as rm, rollout
+from vlm_rlaif.config import load_params
+from vlm_rlaif.data import read_rl_prompts, write_records
+from vlm_rlaif.preferences import preference_record
+
+from conftest import hand_judged
+
+RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
+      "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
+PPO = {"policy_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
+       "warmup_steps": 0, "rollout_batch_size": 2, "step_batch_size": 1, "ppo_epochs": 2, "max_new_tokens": 6,
+       "save_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def trained(built):
+    """The built tiny project with a reward model trained on hand-made preferences; the base
+    stands in for the SFT model."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(built)
+        prefs = Path("ppo_prefs")
+        prefs.mkdir(exist_ok=True)
+        judged = hand_judged(built)
+        (prefs / "judged.json").write_text(json.dumps(judged))
+        write_records(prefs / "preferences.json", [preference_record(r) for r in judged if r["dropped"] is None])
+        params = load_params("params.yaml", overrides={"reward_model": RM, "ppo": PPO})
+        rm.train(params, preferences=prefs, policy=Path("artifacts/base"), out=Path("ppo_rm"), checkpoints=Path("ppo_rm_ckpt"))
+    return built, params
+
+
+def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
+    root, params = trained
+    monkeypatch.chdir(root)
+    models = policy.load(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
+    assert models.shared_reward and set(models.model.peft_config) == {policy.POLICY, policy.VALUE, policy.REWARD}
+    standalone, processor = rm.load_reward_model("ppo_rm")
+    prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records[:2]
+    batch = rollout.collect(models, prompts, params.ppo, kl_coef=0.1, video_root=params.data.video_root,
+                            num_frames=params.data.num_frames, batch_size=2)
+    # the fresh policy adapter is the identity: policy and reference agree, the KL is zero
+    torch.testing.assert_close(batch.logprobs, batch.ref_logprobs)
+    assert batch.kl.abs().max() == 0
+    # the reward adapter on the shared base scores as the reward model on its own does
+    alone = rm.score(standalone, processor, batch.videos, batch.prompts, batch.texts)
+    torch.testing.assert_close(batch.scores, alone, rtol=1e-4, atol=1e-5)
+    # the value model starts as a copy of the reward model: adapter and head
+    state = models.model.state_dict()
+    value = {k.replace(".value.", "."): v for k, v in state.items() if ".value." in k}
+    reward = {k.replace(".reward.", "."): v for k, v in state.items() if ".reward." in k}
+    assert value and value.keys() == reward.keys() and all(torch.equal(value[k], reward[k]) for k in value)
+    torch.testing.assert_close(models.value_head.weight, models.reward_model.head.weight)
+    assert batch.values.shape == batch.mask.shape and (batch.values * (1 - batch.mask)).abs().max() == 0
+    assert set(n for n, p in models.model.named_parameters() if p.requires_grad) <= {
+        n for n, _ in models.model.named_parameters() if ".default." in n or ".value." in n}
+    minibatch = batch.rows([1])
+    assert minibatch.responses.shape == (1, int(batch.mask[1].sum())) and minibatch.texts == batch.texts[1:]
+
+
+def test_ppo_trains_logs_and_saves_a_policy_that_peft_loads(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    out = ppo.train(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"), out=tmp_path / "ppo",
+                    checkpoints=tmp_path / "ckpt", progress=False)
+    log = json.loads((out / ppo.LOG_FILE).read_text())
+    assert [e["step"] for e in log] == [1, 2]  # 4 RL prompts in rollout batches of 2
+    for key in ("reward", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "response_length", "eos_rate"):
+        assert all(isinstance(e[key], float) for e in log), key
+    from peft import PeftModel
+    from vlm_rlaif.modeling import load_model_and_processor
+
+    base, _ = load_model_and_processor("artifacts/base")
+    loaded = PeftModel.from_pretrained(base, out / "policy")
+    trained_lora = load_file(out / "policy" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained_lora.items())  # the policy moved off the identity
+    assert loaded.peft_config["default"].r == 4
+    checkpoint = ppo.last_checkpoint(tmp_path / "ckpt")
+    assert not (checkpoint / "reward").exists() and (checkpoint / "value" / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_run_resumes_to_the_same_policy(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    where = dict(sft=Path("artifacts/base"), reward=Path("ppo_rm"), progress=False)
+    whole = ppo.train(params, **where, out=tmp_path / "whole", checkpoints=tmp_path / "ckpt_whole")
+    ppo.train(params, **where, out=tmp_path / "first", checkpoints=tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / "step-2")  # killed during the second rollout batch
+    resumed = ppo.train(params, **where, out=tmp_path / "resumed", checkpoints=tmp_path / "ckpt")
+    assert json.loads((resumed / "run.json").read_text())["resumed_from"].endswith("step-1")
+    a, b = (load_file(p / "policy" / "adapter_model.safetensors") for p in (whole, resumed))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert json.loads((whole / ppo.LOG_FILE).read_text()) == json.loads((resumed / ppo.LOG_FILE).read_text())
+
+
+def test_a_minibatch_step_moves_policy_and_value_and_nothing_else(trained, monkeypatch):
+    root, params = trained
+    monkeypatch.chdir(root)
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    models = policy.load(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
+    prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records[:2]
+    torch.manual_seed(0)
+    batch = rollout.collect(models, prompts, params.ppo, kl_coef=0.1, video_root=params.data.video_root,
+                            num_frames=params.data.num_frames, batch_size=2)
+    before = {k: v.clone() for k, v in models.model.state_dict().items()}
+    head = models.value_head.weight.clone()
+    optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=1e-2)
+    scheduler = get_scheduler("constant", optimizer)
+    stats = ppo.minibatch_step(models, batch, params.ppo, Accelerator(cpu=True), optimizer, scheduler)
+    assert stats["clip_fraction"] == 0.0  # the first step is on-policy: every ratio is 1
+    after = models.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".default." in k for k in changed) and any(".value." in k for k in changed)
+    assert all(".default." in k or ".value." in k for k in changed)  # the reward adapter and the base stay as they were
+    assert not torch.equal(head, models.value_head.weight)

@@ -1,0 +1,164 @@
+"""PPO: the policy optimised against the reward model, with a KL penalty to the SFT reference.
+
+One pass over the RL prompts (or `ppo.num_prompts` of them) in rollout batches of
+`ppo.rollout_batch_size`: each batch is a rollout (`rollout.collect`), then `ppo.ppo_epochs`
+passes over it in minibatches of `ppo.step_batch_size`, each an optimizer step on the
+policy's clipped surrogate plus `ppo.vf_coef` times the value model's clipped loss, with the
+gradient norm clipped (PAPER.md for every setting). The policy and the value model are
+adapters on one frozen base (`policy.Models`); their adapters, the value head, the optimizer
+and the schedule are checkpointed every `ppo.save_steps` rollout batches, and a killed run
+resumes from the last checkpoint: the rollout of batch k is drawn under seed (seed, k), so a
+resumed run draws what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from vlm_rlaif import io, policy, ppo_math, rollout
+from vlm_rlaif.config import ConfigError, Params
+from vlm_rlaif.data import read_rl_prompts
+from vlm_rlaif.policy import POLICY, VALUE, Models
+
+OUT = Path("artifacts/ppo")
+CHECKPOINTS = Path("artifacts/checkpoints/ppo")
+LOG_FILE = "log.json"
+
+
+def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator, optimizer, scheduler) -> dict[str, float]:
+    """One optimizer step on a minibatch: the policy's clipped surrogate, then the value
+    model's clipped loss (each backpropagated after its own pass, one adapter at a time), the
+    gradient norm clipped over both."""
+    rows = dict(prompts=batch.prompts, features=batch.features, responses=batch.responses, response_mask=batch.mask, videos=batch.videos)
+    mask = batch.mask.float().to(models.device)
+    logprobs, entropy = models.logprobs(POLICY, **rows, with_entropy=True)
+    pg_loss, pg_stats = ppo_math.policy_loss(logprobs, batch.logprobs.to(models.device), batch.advantages.to(models.device), mask, cfg.clip_range)
+    accelerator.backward(pg_loss)
+    values = models.values(**rows)
+    vf_loss, vf_stats = ppo_math.value_loss(values, batch.values.to(models.device), batch.returns.to(models.device), mask, cfg.value_clip)
+    accelerator.backward(cfg.vf_coef * vf_loss)
+    grad_norm = accelerator.clip_grad_norm_(models.trainable_parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": ppo_math.masked_mean(entropy.detach(), mask).item(),
+            "grad_norm": float(grad_norm), **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
+
+
+def rollout_stats(batch: rollout.Rollout) -> dict[str, float]:
+    """What a rollout says of the policy: the reward model's mean score, the mean summed KL
+    to the reference per response, response length and the share that ended on EOS."""
+    lengths = batch.mask.sum(1).float()
+    return {"reward": batch.scores.mean().item(), "kl": batch.kl.sum(1).mean().item(),
+            "response_length": lengths.mean().item(), "eos_rate": batch.ended.float().mean().item()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(folder: Path, models: Models, optimizer, scheduler, step: int, kl_coef: float, log: list[dict]) -> None:
+    """The trained state after rollout batch `step`: adapters, value head, optimizer, schedule."""
+    with io.atomic_dir(folder) as tmp:
+        models.model.save_pretrained(tmp, selected_adapters=[POLICY, VALUE])
+        save_file({k: v.detach().cpu().contiguous() for k, v in models.value_head.state_dict().items()}, tmp / "value_head.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        io.write_json(tmp / "state.json", {"step": step, "kl_coef": kl_coef, "log": log})
+
+
+def load_checkpoint(folder: Path, models: Models, optimizer, scheduler) -> dict:
+    """Put a checkpoint's state back; returns its state.json (step, kl_coef, log)."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(models.model, load_file(folder / "adapter_model.safetensors"), adapter_name=POLICY)
+    set_peft_model_state_dict(models.model, load_file(folder / VALUE / "adapter_model.safetensors"), adapter_name=VALUE)
+    models.value_head.load_state_dict(load_file(folder / "value_head.safetensors"))
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return io.read_json(folder / "state.json")
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    done = [p for p in checkpoints.glob("step-*") if (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def fingerprint(params: Params, prompts_file: Path, sft: Path, reward: Path) -> str:
+    """What a checkpoint was trained from: a checkpoint of another run is never resumed."""
+    from vlm_rlaif import generation, modeling, reward_model
+
+    code = [Path(m.__file__) for m in (sys.modules[__name__], policy, ppo_math, rollout, generation, modeling, reward_model)]
+    settings = {"ppo": dataclasses.asdict(params.ppo), "seed": params.seed, "num_frames": params.data.num_frames}
+    return io.run_stamp(code, settings, [prompts_file, reward / policy.HEAD_FILE], [sft, reward / policy.ADAPTER_DIR])
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path = Path("artifacts/sft"),
+          reward: Path = Path("artifacts/reward_model"), out: Path = OUT, checkpoints: Path = CHECKPOINTS,
+          progress: bool = True) -> Path:
+    """PPO from the SFT model against the reward model; the policy adapter and the per-step log to `out`."""
+    cfg = params.ppo
+    if cfg.num_processes > 1:
+        raise ConfigError("ppo.num_processes: PPO runs in one process for now; set it to 1")
+    prompts_file = prepared / "rl_prompts.json"
+    prompts = read_rl_prompts(prompts_file).records
+    order = np.random.default_rng(params.seed).permutation(len(prompts))[: cfg.num_prompts or len(prompts)]
+    batches = [order[i : i + cfg.rollout_batch_size] for i in range(0, len(order), cfg.rollout_batch_size)]
+    batches = [b for b in batches if len(b) == cfg.rollout_batch_size] or batches[:1]  # a short last batch is dropped
+    per_rollout = cfg.ppo_epochs * math.ceil(len(batches[0]) / cfg.step_batch_size)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    models = policy.load(params, sft, reward)
+    models.model.to(accelerator.device)
+    models.value_head.to(accelerator.device)
+    optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
+    kind = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * per_rollout)
+
+    io.claim(checkpoints, fingerprint(params, prompts_file, sft, reward))
+    start, log, kl_coef = 0, [], cfg.kl_coef
+    resume = last_checkpoint(checkpoints)
+    if resume is not None:
+        state = load_checkpoint(resume, models, optimizer, scheduler)
+        start, log, kl_coef = state["step"], state["log"], state["kl_coef"]
+    controller = ppo_math.AdaptiveKLController(kl_coef, cfg.target_kl, adaptive=cfg.adaptive_kl)
+
+    for step in tqdm(range(start, len(batches)), desc="ppo", initial=start, total=len(batches), disable=not progress):
+        torch.manual_seed(params.seed * 100_003 + step)
+        batch = rollout.collect(models, [prompts[i] for i in batches[step]], cfg, kl_coef=controller.coef,
+                                video_root=params.data.video_root, num_frames=params.data.num_frames, batch_size=cfg.step_batch_size)
+        updates = []
+        for _ in range(cfg.ppo_epochs):
+            for index in np.array_split(torch.randperm(len(batch)).numpy(), per_rollout // cfg.ppo_epochs):
+                updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer, scheduler))
+        stats = rollout_stats(batch)
+        entry = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]},
+                 "kl_coef": controller.coef, "learning_rate": scheduler.get_last_lr()[0]}
+        log.append({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()})
+        controller.update(stats["kl"], len(batch))
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == len(batches):
+            save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizer, scheduler, step + 1, controller.coef, log)
+            for old in sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+                shutil.rmtree(old)
+
+    with io.atomic_dir(out) as tmp:
+        models.model.save_pretrained(tmp / "policy", selected_adapters=[POLICY])
+        models.processor.save_pretrained(tmp / "policy")
+        io.write_json(tmp / "policy" / "base.json", {"base": str(sft)})
+        io.write_json(tmp / LOG_FILE, log)
+        io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * per_rollout,
+                                          "resumed_from": str(resume) if resume else None})
+    return out

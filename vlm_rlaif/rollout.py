@@ -1,0 +1,138 @@
+"""Rollouts: responses sampled from the policy, and everything PPO needs to learn from them.
+
+For a batch of RL prompts: each video encoded once; a response per prompt from the policy
+(temperature and top_p, PAPER.md); under no gradient the log-probs of its tokens under the
+policy and the reference, the value model's estimates, and the reward model's score; then
+the per-token rewards (KL penalty at every token, the penalised and scaled score at the
+last), GAE advantages (whitened) and returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vlm_rlaif import ppo_math
+from vlm_rlaif.config import PPOConfig
+from vlm_rlaif.data import RLPrompt
+from vlm_rlaif.generation import eos_token_ids, generate_sequences
+from vlm_rlaif.policy import POLICY, Models
+from vlm_rlaif.video import load_video
+
+
+@dataclass
+class Rollout:
+    """One rollout batch, row-aligned. Tensors are [B] or [B, R] with R the longest response."""
+
+    prompts: list[list[dict]]
+    videos: list[np.ndarray]
+    features: list[torch.Tensor]
+    texts: list[str]
+    responses: torch.Tensor
+    mask: torch.Tensor
+    ended: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def rows(self, index: Sequence[int]) -> Rollout:
+        """The rollout restricted to rows `index` (a PPO minibatch), trimmed to its longest response."""
+        index = list(index)
+        width = int(self.mask[index].sum(1).max())
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[index]
+                picked[f.name] = value[:, :width] if value.dim() == 2 else value
+            else:
+                picked[f.name] = [value[i] for i in index]
+        return Rollout(**picked)
+
+
+def _pad(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id rows to one width; the mask is 1 on real tokens."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _in_batches(fn, rollout_rows: int, batch_size: int, **columns) -> torch.Tensor:
+    """`fn(**columns restricted to a batch)` over the rows, batch by batch, padded back to full width."""
+    outs = []
+    for start in range(0, rollout_rows, batch_size):
+        part = {k: v[start : start + batch_size] for k, v in columns.items()}
+        outs.append(fn(**part))
+    width = max(o.shape[1] for o in outs)
+    return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in outs])
+
+
+def collect(
+    models: Models,
+    prompts: Sequence[RLPrompt],
+    cfg: PPOConfig,
+    *,
+    kl_coef: float,
+    video_root: str | Path,
+    num_frames: int,
+    batch_size: int,
+) -> Rollout:
+    """A rollout batch for `prompts` (see the module docstring), reproducible under a fixed torch seed."""
+    media: list = []
+    video_of: list[int] = []
+    for prompt in prompts:
+        source = prompt.media(video_root)
+        if source not in media:
+            media.append(source)
+        video_of.append(media.index(source))
+    unique = [load_video(source, num_frames) for source in media]
+    encoded = models.encode(unique, batch_size)
+    videos, features = [unique[v] for v in video_of], [encoded[v] for v in video_of]
+    asked = [[p.conversations[0].to_dict()] for p in prompts]
+
+    models.model.eval()
+    with models.adapter(POLICY):
+        generations = [g[0] for g in generate_sequences(
+            models.model, models.processor, videos, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, features=features, batch_size=batch_size,
+        )]
+    eos = eos_token_ids(models.model, models.processor)
+    pad_id = models.processor.tokenizer.pad_token_id
+    responses, mask = _pad([g.token_ids for g in generations], pad_id if pad_id is not None else min(eos))
+    ended = torch.tensor([g.ended for g in generations])
+    texts = [g.text for g in generations]
+
+    rows = dict(prompts=asked, features=features, responses=responses, response_mask=mask, videos=videos)
+    n = len(prompts)
+    logprobs = _in_batches(lambda **c: models.logprobs(POLICY, **c)[0], n, batch_size, **rows)
+    ref_logprobs = _in_batches(lambda **c: models.logprobs(None, **c)[0], n, batch_size, **rows)
+    values = _in_batches(models.values, n, batch_size, **rows)
+    scores = models.rewards(videos, asked, texts, features, batch_size)
+
+    mask_f = mask.float()
+    kl = ppo_math.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask_f
+    score = ppo_math.sequence_score(scores, mask.sum(1), ended, max_new_tokens=cfg.max_new_tokens,
+                                    length_penalty=cfg.length_penalty, missing_eos_penalty=cfg.missing_eos_penalty)
+    rewards = ppo_math.shaped_rewards(score, kl, mask_f, kl_coef=kl_coef, reward_scale=cfg.reward_scale)
+    if cfg.whiten_rewards:
+        rewards = ppo_math.whiten(rewards, mask_f, shift_mean=False)
+    advantages, returns = ppo_math.gae(rewards, values * mask_f, mask_f, cfg.gamma, cfg.lam)
+    advantages = ppo_math.whiten(advantages, mask_f)
+    return Rollout(asked, videos, features, texts, responses, mask, ended, logprobs * mask_f, ref_logprobs * mask_f,
+                   values * mask_f, scores, kl, rewards, advantages, returns)
