@@ -96,3 +96,21 @@ def tiny_vlm(tmp_path_factory):
     """(model, processor) of a tiny LLaVA-NeXT-Video on TINY_CORPUS, built once per session."""
     path = build_tiny_model(TINY_VLM, TINY_CORPUS, tmp_path_factory.mktemp("tiny_vlm") / "model", seed=0)
     return load_model_and_processor(path)
+
+
+def run_notebook(name: str, sections: dict):
+    """Run notebooks/<name>.ipynb under papermill in the current project, with `sections`
+    replacing those of its params.yaml for the run (the file is restored after)."""
+    import os
+    import subprocess
+    import sys
+
+    settings = Path("params.yaml").read_text()
+    Path("params.yaml").write_text(yaml.safe_dump(yaml.safe_load(settings) | sections))
+    shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", f"{name}.ipynb")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml", f"{name}.ipynb", "out.ipynb"]
+    try:
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+    finally:
+        Path("params.yaml").write_text(settings)

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import get_scheduler
 
 from vlm_rlaif import policy, ppo, reward_model as rm, rollout
 from vlm_rlaif.config import load_params
 from vlm_rlaif.data import read_rl_prompts, write_records
+from vlm_rlaif.evaluation import held_out_oracle
+from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.preferences import preference_record
 
-from conftest import hand_judged
+from conftest import hand_judged, run_notebook
 
 RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
       "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
@@ -59,6 +64,9 @@ def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
     reward = {k.replace(".reward.", "."): v for k, v in state.items() if ".reward." in k}
     assert value and value.keys() == reward.keys() and all(torch.equal(value[k], reward[k]) for k in value)
     torch.testing.assert_close(models.value_head.weight, models.reward_model.head.weight)
+    eos = models.processor.tokenizer.eos_token_id
+    for i, length in enumerate(batch.mask.sum(1).tolist()):  # the mask ends on the EOS when there is one
+        assert (batch.responses[i, length - 1] == eos) == bool(batch.ended[i]) or length == params.ppo.max_new_tokens
     assert batch.values.shape == batch.mask.shape and (batch.values * (1 - batch.mask)).abs().max() == 0
     assert set(n for n, p in models.model.named_parameters() if p.requires_grad) <= {
         n for n, _ in models.model.named_parameters() if ".default." in n or ".value." in n}
@@ -75,9 +83,6 @@ def test_ppo_trains_logs_and_saves_a_policy_that_peft_loads(trained, monkeypatch
     assert [e["step"] for e in log] == [1, 2]  # 4 RL prompts in rollout batches of 2
     for key in ("reward", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "response_length", "eos_rate"):
         assert all(isinstance(e[key], float) for e in log), key
-    from peft import PeftModel
-    from vlm_rlaif.modeling import load_model_and_processor
-
     base, _ = load_model_and_processor("artifacts/base")
     loaded = PeftModel.from_pretrained(base, out / "policy")
     trained_lora = load_file(out / "policy" / "adapter_model.safetensors")
@@ -105,9 +110,6 @@ def test_a_killed_run_resumes_to_the_same_policy(trained, monkeypatch, tmp_path)
 def test_a_minibatch_step_moves_policy_and_value_and_nothing_else(trained, monkeypatch):
     root, params = trained
     monkeypatch.chdir(root)
-    from accelerate import Accelerator
-    from transformers import get_scheduler
-
     models = policy.load(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
     prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records[:2]
     torch.manual_seed(0)
@@ -124,3 +126,23 @@ def test_a_minibatch_step_moves_policy_and_value_and_nothing_else(trained, monke
     assert any(".default." in k for k in changed) and any(".value." in k for k in changed)
     assert all(".default." in k or ".value." in k for k in changed)  # the reward adapter and the base stay as they were
     assert not torch.equal(head, models.value_head.weight)
+
+
+def test_the_notebook_runs_under_papermill_and_writes_metrics_curves_and_plots(trained, monkeypatch):
+    root, params = trained
+    monkeypatch.chdir(root)
+    if not Path("artifacts/sft").exists():
+        shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
+    shutil.rmtree("artifacts/reward_model", ignore_errors=True)
+    shutil.copytree("ppo_rm", "artifacts/reward_model")
+    model, processor = load_model_and_processor("artifacts/sft")
+    oracle, _ = held_out_oracle(model, processor, "artifacts/prepare", video_root=params.data.eval_video_root,
+                                num_frames=params.data.num_frames, max_new_tokens=8)
+    Path("reports/metrics").mkdir(parents=True, exist_ok=True)
+    Path("reports/metrics/sft.json").write_text(json.dumps({"oracle": oracle}))
+    done = run_notebook("06_ppo", {"ppo": PPO, "evaluate": {"max_new_tokens": 8}})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(Path("reports/metrics/ppo.json").read_text())
+    assert metrics["rollouts"] == 2 and set(metrics["oracle"]) == {"short", "blind", "long"}
+    assert json.loads(Path("reports/plots/ppo.json").read_text())[-1]["step"] == 2
+    assert Path("reports/figures/ppo_curves.png").stat().st_size > 0

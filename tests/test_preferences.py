@@ -2,16 +2,12 @@
 output format, and its measured quality against the oracle."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from vlm_rlaif.config import load_params
 from vlm_rlaif.data import RLPrompt, read_preferences, write_records
@@ -22,7 +18,7 @@ from vlm_rlaif.preferences import OUT, feedback_quality, preference_record, run,
 from vlm_rlaif.synthetic.language import clip_ranges, describe
 from vlm_rlaif.synthetic.scene import Scene
 
-from conftest import ROOT
+from conftest import run_notebook
 
 
 def prompts(n: int) -> tuple[list[np.ndarray], list[list[dict]]]:
@@ -170,12 +166,7 @@ def test_the_notebook_runs_under_papermill_and_writes_metrics_and_figure(built, 
     monkeypatch.chdir(built)
     if not Path("artifacts/sft").exists():
         shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    Path("params.yaml").write_text(yaml.safe_dump(params | {"preferences": STAGE}))
-    shutil.copy(ROOT / "notebooks" / "04_preferences.ipynb", "04_preferences.ipynb")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml", "04_preferences.ipynb", "out.ipynb"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = run_notebook("04_preferences", {"preferences": STAGE})
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads(Path("reports/metrics/preferences.json").read_text())
     assert metrics["counts"]["prompts"] == 4 and set(metrics["judges"]) == {"context", "no_context"}

@@ -3,16 +3,12 @@ and the stage (training, resume, rewards of every judged pair, measured quality)
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from vlm_rlaif import prompts, reward_model as rm
@@ -22,7 +18,7 @@ from vlm_rlaif.modeling import add_lora, build_inputs, load_model_and_processor
 from vlm_rlaif.preferences import preference_record
 from vlm_rlaif.tiny import build_tiny_model
 
-from conftest import ROOT, TINY_CORPUS, TINY_VLM, hand_judged
+from conftest import TINY_CORPUS, TINY_VLM, hand_judged, run_notebook
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -246,15 +242,7 @@ def test_the_notebook_runs_under_papermill_and_writes_metrics_and_figure(staged,
         shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
     shutil.rmtree("artifacts/preferences", ignore_errors=True)
     shutil.copytree(prefs, "artifacts/preferences")
-    settings = Path("params.yaml").read_text()
-    Path("params.yaml").write_text(yaml.safe_dump(yaml.safe_load(settings) | {"reward_model": STAGE}))
-    shutil.copy(ROOT / "notebooks" / "05_reward_model.ipynb", "05_reward_model.ipynb")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml", "05_reward_model.ipynb", "out.ipynb"]
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-    finally:
-        Path("params.yaml").write_text(settings)
+    done = run_notebook("05_reward_model", {"reward_model": STAGE})
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads(Path("reports/metrics/reward_model.json").read_text())
     assert metrics["pairs"] == {"train": len(judged) - 2, "heldout": 1, "unkept": 1} and metrics["steps"] == 3 * (len(judged) - 2)

@@ -125,3 +125,25 @@ def reward_margins(ax, margins: Sequence[float], agrees: Sequence[bool]) -> None
     ax.set_xlabel("|reward margin|")
     ax.set_ylabel("pairs")
     ax.legend(fontsize=8)
+
+
+PPO_PANELS = {
+    "reward": ("reward model score", ["reward"]),
+    "kl": ("KL to the reference (per response)", ["kl"]),
+    "entropy": ("entropy (per token)", ["entropy"]),
+    "length": ("response length (tokens)", ["response_length"]),
+    "losses": ("losses", ["policy_loss", "value_loss"]),
+    "clipping": ("clipped share", ["clip_fraction", "value_clip_fraction", "eos_rate"]),
+}
+
+
+def ppo_curves(axes, log: list[dict]) -> None:
+    """PPO's per-rollout log (ppo.LOG_FILE), one panel per quantity of PPO_PANELS."""
+    steps = [e["step"] for e in log]
+    for ax, (title, keys) in zip(np.ravel(axes), PPO_PANELS.values()):
+        for key in keys:
+            ax.plot(steps, [e[key] for e in log], marker=".", linewidth=1, label=key.replace("_", " "))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("rollout batch", fontsize=8)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)

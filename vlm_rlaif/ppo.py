@@ -34,6 +34,7 @@ from vlm_rlaif.policy import POLICY, VALUE, Models
 OUT = Path("artifacts/ppo")
 CHECKPOINTS = Path("artifacts/checkpoints/ppo")
 LOG_FILE = "log.json"
+PLOTS_FILE = Path("reports/plots/ppo.json")  # the log again, where `dvc plots show` finds it
 
 
 def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator, optimizer, scheduler) -> dict[str, float]:

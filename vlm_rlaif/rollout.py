@@ -62,14 +62,12 @@ class Rollout:
         return Rollout(**picked)
 
 
-def _pad(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id rows to one width; the mask is 1 on real tokens."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+def _pad(sequences: Sequence[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Right-pad token id rows to one width."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    return ids, mask
+        ids[i, : len(s)] = s
+    return ids
 
 
 @torch.no_grad()
@@ -114,7 +112,9 @@ def collect(
         )]
     eos = eos_token_ids(models.model, models.processor)
     pad_id = models.processor.tokenizer.pad_token_id
-    responses, mask = _pad([g.token_ids for g in generations], pad_id if pad_id is not None else min(eos))
+    pad_id = pad_id if pad_id is not None else min(eos)
+    responses = _pad([g.token_ids for g in generations], pad_id)
+    mask = ppo_math.response_mask(responses, eos, pad_id)  # a response without EOS ran to max_new_tokens: the full width
     ended = torch.tensor([g.ended for g in generations])
     texts = [g.text for g in generations]
 
