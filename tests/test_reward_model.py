@@ -249,3 +249,13 @@ def test_the_notebook_runs_under_papermill_and_writes_metrics_and_figure(staged,
     assert metrics["oracle"]["reward_model"]["pairs"] == 2 and metrics["final_loss"] > 0
     assert Path("reports/figures/reward_model.png").stat().st_size > 0
     assert rm.load_reward_model("artifacts/reward_model")[0].backbone.peft_config["default"].r == 4
+
+
+def test_the_reward_model_can_sit_on_another_base_than_the_policy(staged, tmp_path):
+    params, prefs, _ = staged
+    other = tmp_path / "larger_sft"
+    shutil.copytree("artifacts/base", other)
+    on_other = load_params("params.yaml", overrides={"reward_model": STAGE | {"base": str(other), "epochs": 1.0}})
+    out = rm.train(on_other, preferences=prefs, policy=Path("does/not/exist"), out=tmp_path / "rm", checkpoints=tmp_path / "ckpt")
+    assert json.loads((out / rm.CONFIG_FILE).read_text())["base"] == str(other)
+    assert rm.load_reward_model(out)[0].backbone.peft_config["default"].base_model_name_or_path == str(other)
