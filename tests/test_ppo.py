@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from vlm_rlaif import policy, ppo, reward_model as rm, rollout
-from vlm_rlaif.config import load_params
-from vlm_rlaif.data import read_rl_prompts, write_records
+from vlm_rlaif.config import ConfigError, load_params
+from vlm_rlaif.data import read_rl_prompts, read_sft, write_records
 from vlm_rlaif.evaluation import held_out_oracle
 from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.preferences import preference_record
@@ -24,7 +24,7 @@ RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", 
       "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
 PPO = {"policy_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
        "warmup_steps": 0, "rollout_batch_size": 2, "step_batch_size": 1, "ppo_epochs": 2, "max_new_tokens": 6,
-       "save_steps": 1}
+       "save_steps": 1, "policy_init_batch_size": 2}
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,19 @@ def test_the_notebook_runs_under_papermill_and_writes_metrics_curves_and_plots(t
     assert metrics["rollouts"] == 2 and set(metrics["oracle"]) == {"short", "blind", "long"}
     assert json.loads(Path("reports/plots/ppo.json").read_text())[-1]["step"] == 2
     assert Path("reports/figures/ppo_curves.png").stat().st_size > 0
+
+
+def test_policy_initialisation_trains_the_policy_adapter_alone(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    models = policy.load(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
+    records = read_sft("artifacts/prepare/sft_easy.json").records  # 12 records: 6 steps, the first warming up
+    before = {k: v.clone() for k, v in models.model.state_dict().items()}
+    ppo.initialise_policy(models, params, records, tmp_path / "init")
+    after = models.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".default." in k for k in changed)  # the policy adapter moved; value, reward and base did not
+
+    missing = load_params("params.yaml", overrides={"reward_model": RM, "ppo": PPO | {"policy_init": True}})
+    with pytest.raises(ConfigError, match="ppo.policy_init: .*policy_init.json does not exist"):
+        ppo.train(missing, sft=Path("artifacts/base"), reward=Path("ppo_rm"), out=tmp_path / "out", checkpoints=tmp_path / "ckpt")

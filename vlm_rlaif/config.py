@@ -243,6 +243,8 @@ class PPOConfig:
     """PPO against the reward model with a KL penalty to the SFT reference (PAPER.md)."""
 
     policy_init: bool = False
+    policy_init_learning_rate: float = field(default=1e-4, metadata=positive())
+    policy_init_batch_size: int = field(default=4, metadata=positive())
     policy_lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=64, alpha=16, dropout=0.0))
     learning_rate: float = field(default=3e-5, metadata=positive())
     lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"

@@ -4,7 +4,8 @@ One pass over the RL prompts (or `ppo.num_prompts` of them) in rollout batches o
 `ppo.rollout_batch_size`: each batch is a rollout (`rollout.collect`), then `ppo.ppo_epochs`
 passes over it in minibatches of `ppo.step_batch_size`, each an optimizer step on the
 policy's clipped surrogate plus `ppo.vf_coef` times the value model's clipped loss, with the
-gradient norm clipped (PAPER.md for every setting). The policy and the value model are
+gradient norm clipped (PAPER.md for every setting). With `ppo.policy_init` the policy adapter first
+takes the paper's policy-init SFT pass (`initialise_policy`). The policy and the value model are
 adapters on one frozen base (`policy.Models`); their adapters, the value head, the optimizer
 and the schedule are checkpointed every `ppo.save_steps` rollout batches, and a killed run
 resumes from the last checkpoint: the rollout of batch k is drawn under seed (seed, k), so a
@@ -24,11 +25,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import Trainer, TrainingArguments, get_scheduler
 
 from vlm_rlaif import io, policy, ppo_math, rollout
 from vlm_rlaif.config import ConfigError, Params
-from vlm_rlaif.data import read_rl_prompts
+from vlm_rlaif.collate import VideoConversationCollator
+from vlm_rlaif.data import SFTRecord, read_rl_prompts, read_sft
 from vlm_rlaif.policy import POLICY, VALUE, Models
 
 OUT = Path("artifacts/ppo")
@@ -101,10 +103,28 @@ def fingerprint(params: Params, prompts_file: Path, sft: Path, reward: Path) -> 
 
     code = [Path(m.__file__) for m in (sys.modules[__name__], policy, ppo_math, rollout, generation, modeling, reward_model)]
     settings = {"ppo": dataclasses.asdict(params.ppo), "seed": params.seed, "num_frames": params.data.num_frames}
-    return io.run_stamp(code, settings, [prompts_file, reward / policy.HEAD_FILE], [sft, reward / policy.ADAPTER_DIR])
+    inputs = [prompts_file, prompts_file.with_name("policy_init.json"), reward / policy.HEAD_FILE]
+    return io.run_stamp(code, settings, inputs, [sft, reward / policy.ADAPTER_DIR])
 
 
 # --------------------------------------------------------------------------- training
+
+
+def initialise_policy(models: Models, params: Params, records: list[SFTRecord], work: Path) -> None:
+    """The paper's policy initialisation: before PPO, one epoch of SFT of the fresh policy
+    adapter on PPO_init.json (lr 1e-4, cosine, 3 % warmup in the paper), the loss on the
+    assistant's tokens; the value and reward adapters take no part."""
+    cfg = params.ppo
+    steps = math.ceil(len(records) / cfg.policy_init_batch_size)
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=cfg.policy_init_batch_size, num_train_epochs=1,
+        learning_rate=cfg.policy_init_learning_rate, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.03 * steps),
+        logging_steps=max(1, steps // 20), save_strategy="no", report_to="none", remove_unused_columns=False, seed=params.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+    )
+    collator = VideoConversationCollator(models.processor, params.data.video_root, params.data.num_frames, params.sft.max_length)
+    with models.adapter(POLICY):
+        Trainer(model=models.model, args=args, data_collator=collator, train_dataset=records).train()
 
 
 def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path = Path("artifacts/sft"),
@@ -129,12 +149,17 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     kind = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
     scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * per_rollout)
 
+    init_file = prepared / "policy_init.json"
+    if cfg.policy_init and not init_file.is_file():
+        raise ConfigError(f"ppo.policy_init: {init_file} does not exist; name the policy-init data in data.policy_init_file")
     io.claim(checkpoints, fingerprint(params, prompts_file, sft, reward))
     start, log, kl_coef = 0, [], cfg.kl_coef
     resume = last_checkpoint(checkpoints)
-    if resume is not None:
+    if resume is not None:  # the checkpoint holds the initialised policy too
         state = load_checkpoint(resume, models, optimizer, scheduler)
         start, log, kl_coef = state["step"], state["log"], state["kl_coef"]
+    elif cfg.policy_init:
+        initialise_policy(models, params, read_sft(init_file).records, checkpoints / "policy_init")
     controller = ppo_math.AdaptiveKLController(kl_coef, cfg.target_kl, adaptive=cfg.adaptive_kl)
 
     for step in tqdm(range(start, len(batches)), desc="ppo", initial=start, total=len(batches), disable=not progress):
