@@ -162,3 +162,16 @@ def test_policy_initialisation_trains_the_policy_adapter_alone(trained, monkeypa
     missing = load_params("params.yaml", overrides={"reward_model": RM, "ppo": PPO | {"policy_init": True}})
     with pytest.raises(ConfigError, match="ppo.policy_init: .*policy_init.json does not exist"):
         ppo.train(missing, sft=Path("artifacts/base"), reward=Path("ppo_rm"), out=tmp_path / "out", checkpoints=tmp_path / "ckpt")
+
+
+def test_prompts_over_the_query_length_are_left_out(trained, monkeypatch):
+    root, _ = trained
+    monkeypatch.chdir(root)
+    tokenizer = load_model_and_processor("artifacts/base")[1].tokenizer
+    prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records
+    lengths = [len(tokenizer(p.question(), add_special_tokens=False)["input_ids"]) for p in prompts]
+    kept, left_out = ppo.within_query_length(prompts, tokenizer, min(lengths))
+    assert kept == [p for p, n in zip(prompts, lengths) if n == min(lengths)] and left_out == len(prompts) - len(kept)
+    assert ppo.within_query_length(prompts, tokenizer, max(lengths)) == (prompts, 0)
+    with pytest.raises(ConfigError, match="ppo.query_length 0: no RL prompt"):
+        ppo.within_query_length(prompts, tokenizer, 0)

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainingArguments, get_scheduler
 from vlm_rlaif import io, policy, ppo_math, rollout
 from vlm_rlaif.config import ConfigError, Params
 from vlm_rlaif.collate import VideoConversationCollator
-from vlm_rlaif.data import SFTRecord, read_rl_prompts, read_sft
+from vlm_rlaif.data import RLPrompt, SFTRecord, read_rl_prompts, read_sft
 from vlm_rlaif.policy import POLICY, VALUE, Models
 
 OUT = Path("artifacts/ppo")
@@ -110,6 +110,15 @@ def fingerprint(params: Params, prompts_file: Path, sft: Path, reward: Path) -> 
 # --------------------------------------------------------------------------- training
 
 
+def within_query_length(prompts: list[RLPrompt], tokenizer, query_length: int) -> tuple[list[RLPrompt], int]:
+    """The prompts whose question (text tokens; the video's come on top) fits `ppo.query_length`,
+    as the paper's rollouts keep, and how many were left out."""
+    kept = [p for p in prompts if len(tokenizer(p.question(), add_special_tokens=False)["input_ids"]) <= query_length]
+    if not kept:
+        raise ConfigError(f"ppo.query_length {query_length}: no RL prompt's question is that short")
+    return kept, len(prompts) - len(kept)
+
+
 def initialise_policy(models: Models, params: Params, records: list[SFTRecord], work: Path) -> None:
     """The paper's policy initialisation: before PPO, one epoch of SFT of the fresh policy
     adapter on PPO_init.json (lr 1e-4, cosine, 3 % warmup in the paper), the loss on the
@@ -135,14 +144,14 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     if cfg.num_processes > 1:
         raise ConfigError("ppo.num_processes: PPO runs in one process for now; set it to 1")
     prompts_file = prepared / "rl_prompts.json"
-    prompts = read_rl_prompts(prompts_file).records
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    models = policy.load(params, sft, reward)
+    prompts, too_long = within_query_length(read_rl_prompts(prompts_file).records, models.processor.tokenizer, cfg.query_length)
     order = np.random.default_rng(params.seed).permutation(len(prompts))[: cfg.num_prompts or len(prompts)]
     batches = [order[i : i + cfg.rollout_batch_size] for i in range(0, len(order), cfg.rollout_batch_size)]
     batches = [b for b in batches if len(b) == cfg.rollout_batch_size] or batches[:1]  # a short last batch is dropped
     per_rollout = cfg.ppo_epochs * math.ceil(len(batches[0]) / cfg.step_batch_size)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    models = policy.load(params, sft, reward)
     models.model.to(accelerator.device)
     models.value_head.to(accelerator.device)
     optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
@@ -186,5 +195,5 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         io.write_json(tmp / "policy" / "base.json", {"base": str(sft)})
         io.write_json(tmp / LOG_FILE, log)
         io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * per_rollout,
-                                          "resumed_from": str(resume) if resume else None})
+                                          "prompts_over_query_length": too_long, "resumed_from": str(resume) if resume else None})
     return out
