@@ -30,6 +30,7 @@ from vlm_rlaif import io, modeling
 from vlm_rlaif.config import Params
 from vlm_rlaif.generation import encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
+from vlm_rlaif.ppo_math import entropy
 from vlm_rlaif.reward_model import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, RewardModel, load_reward_model, score
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
@@ -46,6 +47,13 @@ class Models:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def to(self, device: torch.device | str) -> Models:
+        """Every model and head on `device` (the reward model's head and, on its own base, its backbone too)."""
+        self.model.to(device)
+        self.value_head.to(device)
+        self.reward_model.to(device)
+        return self
 
     @contextmanager
     def adapter(self, name: str | None) -> Iterator[None]:
@@ -94,9 +102,7 @@ class Models:
         """Log-probabilities of each response token under the policy (`adapter` POLICY) or the
         reference (None), [B, R]; and each position's entropy when asked. Logits are kept for
         the response positions only."""
-        from vlm_rlaif.ppo_math import entropy
-
-        kwargs, width = self._sequences(prompts, features, responses, response_mask, videos)
+        kwargs, _ = self._sequences(prompts, features, responses, response_mask, videos)
         length = responses.shape[1]
         with self.adapter(adapter):
             logits = self.model(**kwargs, logits_to_keep=length + 1).logits[:, :-1].float()

@@ -152,8 +152,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     batches = [b for b in batches if len(b) == cfg.rollout_batch_size] or batches[:1]  # a short last batch is dropped
     per_rollout = cfg.ppo_epochs * math.ceil(len(batches[0]) / cfg.step_batch_size)
 
-    models.model.to(accelerator.device)
-    models.value_head.to(accelerator.device)
+    models.to(accelerator.device)
     optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
     kind = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
     scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * per_rollout)
