@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_rlaif.generation import GenerationError, encode_videos, generate, generate_sequences, with_features
+from vlm_rlaif.data import RLPrompt
+from vlm_rlaif.generation import GenerationError, distinct_media, encode_videos, generate, generate_sequences, with_features
 from vlm_rlaif.modeling import build_inputs
 
 FRAMES = 4
@@ -118,3 +119,16 @@ def test_generation_leaves_the_model_in_its_mode(tiny_vlm):
         model.eval()
     with pytest.raises(GenerationError, match="2 videos for 1 conversations"):
         generate(model, processor, videos * 2, conversations, max_new_tokens=2)
+
+
+def test_distinct_media_names_each_video_once_and_maps_every_prompt_to_it():
+    def asked(uid: int, images: list[str] | None = None, video: str | None = None) -> RLPrompt:
+        turns = [{"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "Nothing."}]
+        media = {"images": images} if images else {"video": video}
+        return RLPrompt.from_dict({"conversations": turns, "uid": uid, **media}, "test")
+
+    prompts = [asked(0, ["v1/0.png", "v1/1.png"]), asked(1, video="clip.mp4"), asked(2, ["v1/0.png", "v1/1.png"]),
+               asked(3, ["v2/0.png"]), asked(4, video="clip.mp4")]
+    media, video_of = distinct_media(prompts, "root")
+    assert video_of == [0, 1, 0, 2, 1]
+    assert media == [prompts[0].media("root"), prompts[1].media("root"), prompts[3].media("root")]

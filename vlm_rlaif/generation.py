@@ -19,6 +19,7 @@ samples, the PPO forward passes after a rollout), `encode_videos` computes them 
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlm_rlaif.data import PLACEHOLDER
+from vlm_rlaif.data import PLACEHOLDER, Dialogue
 from vlm_rlaif.modeling import ConversationError, build_inputs
 
 PIXEL_KEYS = ("pixel_values_videos",)  # what precomputed features replace; grid sizes etc. stay
@@ -81,6 +82,23 @@ def with_features(inputs: Mapping, features: Sequence[torch.Tensor]) -> dict:
     kwargs = {k: v for k, v in inputs.items() if k not in PIXEL_KEYS}
     kwargs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=list(features))}
     return kwargs
+
+
+def distinct_media(prompts: Sequence[Dialogue], video_root: str | os.PathLike) -> tuple[list, list[int]]:
+    """Each distinct video (a file, or a frame list) of `prompts` in first-seen order, and the
+    index of each prompt's video in that list: a stage loads and encodes each video once and
+    hands row i what belongs to video `video_of[i]`."""
+    media: list = []
+    video_of: list[int] = []
+    seen: dict = {}
+    for prompt in prompts:
+        source = prompt.media(video_root)
+        key = tuple(source) if isinstance(source, list) else source
+        if key not in seen:
+            seen[key] = len(media)
+            media.append(source)
+        video_of.append(seen[key])
+    return media, video_of
 
 
 def encode_video_list(model: PreTrainedModel, processor: ProcessorMixin, videos: Sequence[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:

@@ -150,12 +150,12 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     order = np.random.default_rng(params.seed).permutation(len(prompts))[: cfg.num_prompts or len(prompts)]
     batches = [order[i : i + cfg.rollout_batch_size] for i in range(0, len(order), cfg.rollout_batch_size)]
     batches = [b for b in batches if len(b) == cfg.rollout_batch_size] or batches[:1]  # a short last batch is dropped
-    per_rollout = cfg.ppo_epochs * math.ceil(len(batches[0]) / cfg.step_batch_size)
+    minibatches = math.ceil(len(batches[0]) / cfg.step_batch_size)  # per PPO epoch
 
     models.to(accelerator.device)
     optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
     kind = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * per_rollout)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * cfg.ppo_epochs * minibatches)
 
     init_file = prepared / "policy_init.json"
     if cfg.policy_init and not init_file.is_file():
@@ -176,7 +176,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
                                 video_root=params.data.video_root, num_frames=params.data.num_frames, batch_size=cfg.step_batch_size)
         updates = []
         for _ in range(cfg.ppo_epochs):
-            for index in np.array_split(torch.randperm(len(batch)).numpy(), per_rollout // cfg.ppo_epochs):
+            for index in np.array_split(torch.randperm(len(batch)).numpy(), minibatches):
                 updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer, scheduler))
         stats = rollout_stats(batch)
         entry = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]},
@@ -193,6 +193,6 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         models.processor.save_pretrained(tmp / "policy")
         io.write_json(tmp / "policy" / "base.json", {"base": str(sft)})
         io.write_json(tmp / LOG_FILE, log)
-        io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * per_rollout,
+        io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * cfg.ppo_epochs * minibatches,
                                           "prompts_over_query_length": too_long, "resumed_from": str(resume) if resume else None})
     return out

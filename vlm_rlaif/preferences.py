@@ -27,7 +27,7 @@ from vlm_rlaif import context, generation, io, judge, modeling, prepare, prompts
 from vlm_rlaif.config import Params, PreferencesConfig
 from vlm_rlaif.data import PLACEHOLDER, PreferenceRecord, RLPrompt, read_rl_prompts, write_records
 from vlm_rlaif.evaluation import oracle_preference, oracle_score
-from vlm_rlaif.generation import encode_video_list, generate
+from vlm_rlaif.generation import distinct_media, encode_video_list, generate
 from vlm_rlaif.judge import Verdict, judge_pairs, select
 from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.synthetic.language import clip_ranges
@@ -122,13 +122,7 @@ def prefer_shard(
     judge's verdict in both orders with the context and without it (the ablation costs one
     forward pass per order). Returns one judged record per prompt, `dropped` naming why a
     pair is not kept, and how many pairs were drawn again."""
-    media: list = []
-    video_of: list[int] = []
-    for prompt in shard:
-        source = prompt.media(video_root)
-        if source not in media:
-            media.append(source)
-        video_of.append(media.index(source))
+    media, video_of = distinct_media(shard, video_root)
     videos = [load_video(source, num_frames) for source in media]
     features = encode_video_list(model, processor, videos, cfg.batch_size)
     pairs = sample_pairs(

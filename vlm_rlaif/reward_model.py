@@ -33,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vlm_rlaif import data, io, modeling, prompts as prompt_files, stage, video
 from vlm_rlaif.config import Params, RewardModelConfig, load_params
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
-from vlm_rlaif.generation import encode_video_list, with_features
+from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
 from vlm_rlaif.video import load_video
 
@@ -335,13 +335,7 @@ def reward_pairs(
     """[N, 2] rewards of each record's output_1 and output_2 (judged records of the
     preferences stage, or its preference records: both carry the prompt's uid), each video
     encoded once for both."""
-    media: list = []
-    video_of: list[int] = []
-    for i, r in enumerate(records):
-        source = RLPrompt.from_dict(r, f"pair {i}").media(video_root)
-        if source not in media:
-            media.append(source)
-        video_of.append(media.index(source))
+    media, video_of = distinct_media([RLPrompt.from_dict(r, f"pair {i}") for i, r in enumerate(records)], video_root)
     videos = [load_video(source, num_frames) for source in media]
     features = encode_video_list(reward_model.backbone, processor, videos, batch_size)
     contexts = [_context(r, context_in_instruction, r["uid"]) for r in records]

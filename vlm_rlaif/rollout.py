@@ -19,7 +19,7 @@ import torch
 from vlm_rlaif import ppo_math
 from vlm_rlaif.config import PPOConfig
 from vlm_rlaif.data import RLPrompt
-from vlm_rlaif.generation import eos_token_ids, generate_sequences
+from vlm_rlaif.generation import distinct_media, eos_token_ids, generate_sequences
 from vlm_rlaif.policy import POLICY, Models
 from vlm_rlaif.video import load_video
 
@@ -92,13 +92,7 @@ def collect(
     batch_size: int,
 ) -> Rollout:
     """A rollout batch for `prompts` (see the module docstring), reproducible under a fixed torch seed."""
-    media: list = []
-    video_of: list[int] = []
-    for prompt in prompts:
-        source = prompt.media(video_root)
-        if source not in media:
-            media.append(source)
-        video_of.append(media.index(source))
+    media, video_of = distinct_media(prompts, video_root)
     unique = [load_video(source, num_frames) for source in media]
     encoded = models.encode(unique, batch_size)
     videos, features = [unique[v] for v in video_of], [encoded[v] for v in video_of]
