@@ -175,3 +175,20 @@ def test_prompts_over_the_query_length_are_left_out(trained, monkeypatch):
     assert ppo.within_query_length(prompts, tokenizer, max(lengths)) == (prompts, 0)
     with pytest.raises(ConfigError, match="ppo.query_length 0: no RL prompt"):
         ppo.within_query_length(prompts, tokenizer, 0)
+
+
+def test_a_reward_model_on_another_base_is_loaded_beside_the_policy(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    other = tmp_path / "larger_sft"
+    shutil.copytree("artifacts/base", other)
+    on_other = load_params("params.yaml", overrides={"reward_model": RM | {"base": str(other), "epochs": 1.0}, "ppo": PPO})
+    rm.train(on_other, preferences=Path("ppo_prefs"), out=tmp_path / "rm", checkpoints=tmp_path / "rm_ckpt")
+    models = policy.load(on_other, sft=Path("artifacts/base"), reward=tmp_path / "rm")
+    assert not models.shared_reward and set(models.model.peft_config) == {policy.POLICY, policy.VALUE}
+    assert models.reward_model.backbone is not models.model and models.value_head.weight.abs().sum() == 0
+    prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records[:2]
+    batch = rollout.collect(models, prompts, on_other.ppo, kl_coef=0.1, video_root=params.data.video_root,
+                            num_frames=params.data.num_frames, batch_size=2)
+    standalone, processor = rm.load_reward_model(tmp_path / "rm")
+    torch.testing.assert_close(batch.scores, rm.score(standalone, processor, batch.videos, batch.prompts, batch.texts))
