@@ -1,11 +1,17 @@
 """The PPO stage on the tiny project: the models on one base, rollouts, training, resume."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -192,3 +198,41 @@ def test_a_reward_model_on_another_base_is_loaded_beside_the_policy(trained, mon
                             num_frames=params.data.num_frames, batch_size=2)
     standalone, processor = rm.load_reward_model(tmp_path / "rm")
     torch.testing.assert_close(batch.scores, rm.score(standalone, processor, batch.videos, batch.prompts, batch.texts))
+
+
+def test_a_sigkilled_run_resumes_and_ends_as_an_uninterrupted_one(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    project = tmp_path / "project"
+    project.mkdir()
+    for part in ("data", "artifacts/prepare"):
+        (project / part).parent.mkdir(parents=True, exist_ok=True)
+        (project / part).symlink_to(root / part, target_is_directory=True)
+    shutil.copytree("artifacts/base", project / "artifacts/sft")
+    shutil.copytree("ppo_rm", project / "artifacts/reward_model")
+    (project / "artifacts/reward_model" / rm.CONFIG_FILE).write_text(json.dumps({"base": "artifacts/sft", "hidden_size": 32}))
+    settings = yaml.safe_load(Path("params.yaml").read_text()) | {"ppo": PPO | {"rollout_batch_size": 1, "ppo_epochs": 1}}
+    (project / "params.yaml").write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "vlm_rlaif.ppo", "--params", "params.yaml"]
+
+    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err.txt", "w"))
+    target = project / "artifacts/checkpoints/ppo/step-1/state.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and not (project / "artifacts/ppo").exists(), "PPO ended before the point to kill at"
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed_from = json.loads((project / "artifacts/ppo/run.json").read_text())["resumed_from"]
+    assert resumed_from is not None and int(resumed_from.rsplit("-", 1)[1]) >= 1
+
+    monkeypatch.chdir(project)
+    whole = ppo.train(load_params("params.yaml"), out=tmp_path / "whole", checkpoints=tmp_path / "ckpt", progress=False)
+    assert json.loads((whole / ppo.LOG_FILE).read_text()) == json.loads((project / "artifacts/ppo" / ppo.LOG_FILE).read_text())
+    a, b = (load_file(p / "policy" / "adapter_model.safetensors") for p in (whole, project / "artifacts/ppo"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)

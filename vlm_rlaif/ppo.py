@@ -14,6 +14,7 @@ resumed run draws what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import shutil
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler
 
 from vlm_rlaif import io, policy, ppo_math, rollout
-from vlm_rlaif.config import ConfigError, Params
+from vlm_rlaif.config import ConfigError, Params, load_params
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.data import RLPrompt, SFTRecord, read_rl_prompts, read_sft
 from vlm_rlaif.policy import POLICY, VALUE, Models
@@ -196,3 +197,15 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * cfg.ppo_epochs * minibatches,
                                           "prompts_over_query_length": too_long, "resumed_from": str(resume) if resume else None})
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.ppo", description="PPO of the policy against the reward model.")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    train(load_params(args.params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
