@@ -3,12 +3,18 @@ and the stage (training, resume, rewards of every judged pair, measured quality)
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from vlm_rlaif import prompts, reward_model as rm
@@ -259,3 +265,38 @@ def test_the_reward_model_can_sit_on_another_base_than_the_policy(staged, tmp_pa
     out = rm.train(on_other, preferences=prefs, policy=Path("does/not/exist"), out=tmp_path / "rm", checkpoints=tmp_path / "ckpt")
     assert json.loads((out / rm.CONFIG_FILE).read_text())["base"] == str(other)
     assert rm.load_reward_model(out)[0].backbone.peft_config["default"].base_model_name_or_path == str(other)
+
+
+def test_a_sigkilled_training_resumes_and_ends_as_an_uninterrupted_one(staged, monkeypatch, tmp_path):
+    params, prefs, _ = staged
+    root = Path.cwd()
+    project = tmp_path / "project"
+    (project / "artifacts").mkdir(parents=True)
+    (project / "data").symlink_to(root / "data", target_is_directory=True)
+    shutil.copytree("artifacts/base", project / "artifacts/sft")
+    shutil.copytree(prefs, project / "artifacts/preferences")
+    settings = yaml.safe_load(Path("params.yaml").read_text()) | {"reward_model": STAGE | {"epochs": 20.0, "save_steps": 5}}
+    (project / "params.yaml").write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "vlm_rlaif.reward_model", "--params", "params.yaml"]
+
+    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err.txt", "w"))
+    target = project / "artifacts/checkpoints/reward_model/checkpoint-10/trainer_state.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and not (project / "artifacts/reward_model").exists(), "training ended before the point to kill at"
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    split = json.loads((project / "artifacts/reward_model/split.json").read_text())
+    assert split["resumed_from"] is not None and int(split["resumed_from"].rsplit("-", 1)[1]) >= 10
+
+    monkeypatch.chdir(project)
+    whole = rm.train(load_params("params.yaml"), out=tmp_path / "whole", checkpoints=tmp_path / "ckpt")
+    for name in (rm.HEAD_FILE, f"{rm.ADAPTER_DIR}/adapter_model.safetensors"):
+        a, b = load_file(whole / name), load_file(project / "artifacts/reward_model" / name)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
