@@ -114,3 +114,22 @@ def run_notebook(name: str, sections: dict):
         return subprocess.run(command, env=env, capture_output=True, text=True)
     finally:
         Path("params.yaml").write_text(settings)
+
+
+def kill_when(command: list[str], cwd: Path, target: Path, log: Path) -> None:
+    """Run `command` in `cwd`, SIGKILL it as soon as `target` exists (a checkpoint it wrote),
+    and check it was still running then: the rerun after it has real work to resume."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 300
+        while not target.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"{command[2]} ended before {target} appeared:\n{log.read_text()[-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

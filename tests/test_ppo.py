@@ -3,10 +3,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from vlm_rlaif.evaluation import held_out_oracle
 from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.preferences import preference_record
 
-from conftest import hand_judged, run_notebook
+from conftest import hand_judged, kill_when, run_notebook
 
 RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
       "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
@@ -213,18 +211,12 @@ def test_a_sigkilled_run_resumes_and_ends_as_an_uninterrupted_one(trained, monke
     (project / "artifacts/reward_model" / rm.CONFIG_FILE).write_text(json.dumps({"base": "artifacts/sft", "hidden_size": 32}))
     settings = yaml.safe_load(Path("params.yaml").read_text()) | {"ppo": PPO | {"rollout_batch_size": 1, "ppo_epochs": 1}}
     (project / "params.yaml").write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "vlm_rlaif.ppo", "--params", "params.yaml"]
 
-    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err.txt", "w"))
     target = project / "artifacts/checkpoints/ppo/step-1/state.json"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(command, project, target, tmp_path / "err.txt")
     assert target.exists() and not (project / "artifacts/ppo").exists(), "PPO ended before the point to kill at"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed_from = json.loads((project / "artifacts/ppo/run.json").read_text())["resumed_from"]

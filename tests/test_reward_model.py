@@ -5,10 +5,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from vlm_rlaif.modeling import add_lora, build_inputs, load_model_and_processor
 from vlm_rlaif.preferences import preference_record
 from vlm_rlaif.tiny import build_tiny_model
 
-from conftest import TINY_CORPUS, TINY_VLM, hand_judged, run_notebook
+from conftest import TINY_CORPUS, TINY_VLM, hand_judged, kill_when, run_notebook
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -277,18 +275,12 @@ def test_a_sigkilled_training_resumes_and_ends_as_an_uninterrupted_one(staged, m
     shutil.copytree(prefs, project / "artifacts/preferences")
     settings = yaml.safe_load(Path("params.yaml").read_text()) | {"reward_model": STAGE | {"epochs": 20.0, "save_steps": 5}}
     (project / "params.yaml").write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "vlm_rlaif.reward_model", "--params", "params.yaml"]
 
-    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err.txt", "w"))
     target = project / "artifacts/checkpoints/reward_model/checkpoint-10/trainer_state.json"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(command, project, target, tmp_path / "err.txt")
     assert target.exists() and not (project / "artifacts/reward_model").exists(), "training ended before the point to kill at"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     split = json.loads((project / "artifacts/reward_model/split.json").read_text())
