@@ -132,3 +132,22 @@ def test_distinct_media_names_each_video_once_and_maps_every_prompt_to_it():
     media, video_of = distinct_media(prompts, "root")
     assert video_of == [0, 1, 0, 2, 1]
     assert media == [prompts[0].media("root"), prompts[1].media("root"), prompts[3].media("root")]
+
+
+def test_media_placeholders_are_never_generated(tiny_vlm):
+    model, processor = tiny_vlm
+    videos, conversations = prompts(2)
+    media = [processor.tokenizer.convert_tokens_to_ids(t) for t in (processor.video_token, processor.image_token)]
+    boost = torch.zeros(model.get_output_embeddings().out_features)
+    boost[media] = 100.0  # the model now wants the placeholders above every other token
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
+    try:
+        logits = model(**build_inputs(processor, videos[:1], conversations[:1], add_generation_prompt=True)).logits[0, -1]
+        assert logits.argmax().item() in media
+        for temperature in (0.0, 1.0):
+            torch.manual_seed(0)
+            out = generate_sequences(model, processor, videos, conversations, max_new_tokens=6, temperature=temperature)
+            tokens = {t for group in ids(out) for row in group for t in row}
+            assert tokens and not tokens & set(media)
+    finally:
+        hook.remove()

@@ -133,7 +133,11 @@ def _decoding(
         pad = processor.tokenizer.pad_token_id
     if pad is None and eos:
         pad = min(eos)
-    options = {"max_new_tokens": max_new_tokens, "num_return_sequences": n, "pad_token_id": pad, "repetition_penalty": 1.0}
+    # a sampled media placeholder would desync video tokens and features in the next forward pass
+    media = [getattr(processor, name, None) for name in ("video_token", "image_token")]
+    suppress = sorted({processor.tokenizer.convert_tokens_to_ids(t) for t in media if t})
+    options = {"max_new_tokens": max_new_tokens, "num_return_sequences": n, "pad_token_id": pad, "repetition_penalty": 1.0,
+               "suppress_tokens": suppress or None}
     if temperature == 0:
         return {**options, "do_sample": False}
     return {**options, "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
