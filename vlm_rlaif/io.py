@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,3 +139,10 @@ def claim(folder: str | os.PathLike, stamp: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(run, {"fingerprint": stamp})
     return folder
+
+
+def report_resume(checkpoint: str | os.PathLike | None) -> None:
+    """Say on stderr which checkpoint a stage resumes from. Kept out of the stage's outputs,
+    so a resumed run writes the same files (and DVC hashes) as an uninterrupted one."""
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)

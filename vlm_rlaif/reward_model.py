@@ -304,6 +304,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
         model=reward_model, args=args, train_dataset=train_set, centering_coef=cfg.centering_coef,
         data_collator=PairCollator(processor, params.data.video_root, params.data.num_frames, cfg),
     )
+    io.report_resume(resume)
     trainer.train(resume_from_checkpoint=resume)
 
     if trainer.is_world_process_zero():
@@ -312,7 +313,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
             io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
             io.write_json(tmp / "split.json", {
                 "train": [r.extra.get("uid") for r in train_set], "heldout": [r.extra.get("uid") for r in heldout],
-                "total_steps": trainer.state.global_step, "resumed_from": resume,
+                "total_steps": trainer.state.global_step,
             })
     state.wait_for_everyone()
     return out

@@ -256,6 +256,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         model=model, args=args, data_collator=collator, train_dataset=curriculum.records,
         schedule=stage_schedule(cfg.lr_scheduler, cfg.warmup_ratio, total_steps, boundary_step),
     )
+    io.report_resume(resume)
     trainer.train(resume_from_checkpoint=resume)
 
     if trainer.is_world_process_zero():
@@ -266,7 +267,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
             io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
             io.write_json(tmp / "curriculum.json", {
                 "sizes": curriculum.sizes, "examples": len(curriculum.records), "boundary_step": boundary_step,
-                "total_steps": trainer.state.global_step, "resumed_from": resume,
+                "total_steps": trainer.state.global_step,
             })
     state.wait_for_everyone()
     return out
