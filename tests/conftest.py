@@ -61,6 +61,34 @@ def built(tmp_path_factory):
     return root
 
 
+# Reward-model and PPO settings small enough for a test to train both in seconds.
+RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
+      "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
+PPO = {"policy_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
+       "warmup_steps": 0, "rollout_batch_size": 2, "step_batch_size": 1, "ppo_epochs": 2, "max_new_tokens": 6,
+       "save_steps": 1, "policy_init_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(built):
+    """The built tiny project with a reward model (ppo_rm/) trained on hand-made preferences;
+    the base stands in for the SFT model."""
+    from vlm_rlaif import reward_model
+    from vlm_rlaif.data import write_records
+    from vlm_rlaif.preferences import preference_record
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(built)
+        prefs = Path("ppo_prefs")
+        prefs.mkdir(exist_ok=True)
+        judged = hand_judged(built)
+        (prefs / "judged.json").write_text(json.dumps(judged))
+        write_records(prefs / "preferences.json", [preference_record(r) for r in judged if r["dropped"] is None])
+        params = load_params("params.yaml", overrides={"reward_model": RM, "ppo": PPO})
+        reward_model.train(params, preferences=prefs, policy=Path("artifacts/base"), out=Path("ppo_rm"), checkpoints=Path("ppo_rm_ckpt"))
+    return built, params
+
+
 def hand_judged(root: Path) -> list[dict]:
     """Judged records as the preferences stage writes them: each RL prompt's reference answer
     against a worse one, the better one preferred; the last pair dropped as inconsistent."""
@@ -133,3 +161,11 @@ def kill_when(command: list[str], cwd: Path, target: Path, log: Path) -> None:
         assert proc.poll() is None, f"{command[2]} ended before {target} appeared:\n{log.read_text()[-3000:]}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def resumed_step(stderr: str) -> int | None:
+    """The step of the checkpoint a stage said it resumed from (io.report_resume), None if it did not."""
+    import re
+
+    found = re.findall(r"resuming from \S*?(\d+)\s*$", stderr, flags=re.MULTILINE)
+    return int(found[-1]) if found else None

@@ -17,35 +17,10 @@ from transformers import get_scheduler
 
 from vlm_rlaif import policy, ppo, reward_model as rm, rollout
 from vlm_rlaif.config import ConfigError, load_params
-from vlm_rlaif.data import read_rl_prompts, read_sft, write_records
-from vlm_rlaif.evaluation import held_out_oracle
+from vlm_rlaif.data import read_rl_prompts, read_sft
 from vlm_rlaif.modeling import load_model_and_processor
-from vlm_rlaif.preferences import preference_record
 
-from conftest import hand_judged, kill_when, run_notebook
-
-RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
-      "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
-PPO = {"policy_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
-       "warmup_steps": 0, "rollout_batch_size": 2, "step_batch_size": 1, "ppo_epochs": 2, "max_new_tokens": 6,
-       "save_steps": 1, "policy_init_batch_size": 2}
-
-
-@pytest.fixture(scope="module")
-def trained(built):
-    """The built tiny project with a reward model trained on hand-made preferences; the base
-    stands in for the SFT model."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(built)
-        prefs = Path("ppo_prefs")
-        prefs.mkdir(exist_ok=True)
-        judged = hand_judged(built)
-        (prefs / "judged.json").write_text(json.dumps(judged))
-        write_records(prefs / "preferences.json", [preference_record(r) for r in judged if r["dropped"] is None])
-        params = load_params("params.yaml", overrides={"reward_model": RM, "ppo": PPO})
-        rm.train(params, preferences=prefs, policy=Path("artifacts/base"), out=Path("ppo_rm"), checkpoints=Path("ppo_rm_ckpt"))
-    return built, params
-
+from conftest import PPO, RM, kill_when, resumed_step, run_notebook
 
 def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
     root, params = trained
@@ -96,7 +71,7 @@ def test_ppo_trains_logs_and_saves_a_policy_that_peft_loads(trained, monkeypatch
     assert not (checkpoint / "reward").exists() and (checkpoint / "value" / "adapter_model.safetensors").is_file()
 
 
-def test_a_killed_run_resumes_to_the_same_policy(trained, monkeypatch, tmp_path):
+def test_a_killed_run_resumes_to_the_same_policy(trained, monkeypatch, tmp_path, capsys):
     root, params = trained
     monkeypatch.chdir(root)
     where = dict(sft=Path("artifacts/base"), reward=Path("ppo_rm"), progress=False)
@@ -104,7 +79,7 @@ def test_a_killed_run_resumes_to_the_same_policy(trained, monkeypatch, tmp_path)
     ppo.train(params, **where, out=tmp_path / "first", checkpoints=tmp_path / "ckpt")
     shutil.rmtree(tmp_path / "ckpt" / "step-2")  # killed during the second rollout batch
     resumed = ppo.train(params, **where, out=tmp_path / "resumed", checkpoints=tmp_path / "ckpt")
-    assert json.loads((resumed / "run.json").read_text())["resumed_from"].endswith("step-1")
+    assert resumed_step(capsys.readouterr().err) == 1
     a, b = (load_file(p / "policy" / "adapter_model.safetensors") for p in (whole, resumed))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
@@ -139,16 +114,13 @@ def test_the_notebook_runs_under_papermill_and_writes_metrics_curves_and_plots(t
         shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
     shutil.rmtree("artifacts/reward_model", ignore_errors=True)
     shutil.copytree("ppo_rm", "artifacts/reward_model")
-    model, processor = load_model_and_processor("artifacts/sft")
-    oracle, _ = held_out_oracle(model, processor, "artifacts/prepare", video_root=params.data.eval_video_root,
-                                num_frames=params.data.num_frames, max_new_tokens=8)
-    Path("reports/metrics").mkdir(parents=True, exist_ok=True)
-    Path("reports/metrics/sft.json").write_text(json.dumps({"oracle": oracle}))
-    done = run_notebook("06_ppo", {"ppo": PPO, "evaluate": {"max_new_tokens": 8}})
+    done = run_notebook("06_ppo", {"ppo": PPO | {"seeds": [0, 3]}})
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads(Path("reports/metrics/ppo.json").read_text())
-    assert metrics["rollouts"] == 2 and set(metrics["oracle"]) == {"short", "blind", "long"}
-    assert json.loads(Path("reports/plots/ppo.json").read_text())[-1]["step"] == 2
+    assert metrics["rollouts"] == 2 and set(metrics["final"]) == {"seed-0", "seed-3"}
+    assert sorted(p.name for p in Path("artifacts/ppo").iterdir()) == ["seed-0", "seed-3"]
+    logs = [json.loads(Path(f"reports/plots/ppo/seed-{s}.json").read_text()) for s in (0, 3)]
+    assert [log[-1]["step"] for log in logs] == [2, 2] and logs[0] != logs[1]  # two seeds, two runs
     assert Path("reports/figures/ppo_curves.png").stat().st_size > 0
 
 
@@ -213,18 +185,17 @@ def test_a_sigkilled_run_resumes_and_ends_as_an_uninterrupted_one(trained, monke
     (project / "params.yaml").write_text(yaml.safe_dump(settings))
     command = [sys.executable, "-m", "vlm_rlaif.ppo", "--params", "params.yaml"]
 
-    target = project / "artifacts/checkpoints/ppo/step-1/state.json"
+    target = project / "artifacts/checkpoints/ppo/seed-0/step-1/state.json"
     kill_when(command, project, target, tmp_path / "err.txt")
-    assert target.exists() and not (project / "artifacts/ppo").exists(), "PPO ended before the point to kill at"
+    assert target.exists() and not (project / "artifacts/ppo/seed-0").exists(), "PPO ended before the point to kill at"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed_from = json.loads((project / "artifacts/ppo/run.json").read_text())["resumed_from"]
-    assert resumed_from is not None and int(resumed_from.rsplit("-", 1)[1]) >= 1
+    assert resumed_step(done.stderr) >= 1
 
     monkeypatch.chdir(project)
-    whole = ppo.train(load_params("params.yaml"), out=tmp_path / "whole", checkpoints=tmp_path / "ckpt", progress=False)
-    assert json.loads((whole / ppo.LOG_FILE).read_text()) == json.loads((project / "artifacts/ppo" / ppo.LOG_FILE).read_text())
-    a, b = (load_file(p / "policy" / "adapter_model.safetensors") for p in (whole, project / "artifacts/ppo"))
+    [whole] = ppo.train_seeds(load_params("params.yaml"), out=tmp_path / "whole", checkpoints=tmp_path / "ckpt", progress=False)
+    assert json.loads((whole / ppo.LOG_FILE).read_text()) == json.loads((project / "artifacts/ppo/seed-0" / ppo.LOG_FILE).read_text())
+    a, b = (load_file(p / "policy" / "adapter_model.safetensors") for p in (whole, project / "artifacts/ppo/seed-0"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -273,10 +273,13 @@ class PPOConfig:
     whiten_rewards: bool = False
     save_steps: int = field(default=10, metadata=positive())
     num_processes: int = field(default=1, metadata=positive())
+    seeds: list[int] = field(default_factory=lambda: [0])  # one PPO run per seed: the spread the evaluation reports
 
     def validate(self, key: str) -> None:
         if self.rollout_batch_size % self.step_batch_size:
             raise ConfigError(f"{key}.step_batch_size: must divide rollout_batch_size ({self.rollout_batch_size})")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ConfigError(f"{key}.seeds: expected distinct non-negative seeds, at least one; got {self.seeds}")
 
 
 @dataclass
@@ -285,8 +288,10 @@ class JudgeConfig:
 
     kind: Literal["oracle", "openai"] = "oracle"
     model: str | None = None
-    base_url: str | None = None
+    base_url: str | None = None  # None: the OPENAI_BASE_URL environment variable
     api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = field(default=60.0, metadata=positive())
+    max_retries: int = field(default=5, metadata=non_negative())
 
 
 @dataclass
@@ -294,6 +299,7 @@ class EvaluateConfig:
     temperature: float = field(default=0.2, metadata=non_negative())
     max_new_tokens: int = field(default=512, metadata=positive())
     num_samples: int | None = field(default=None, metadata=positive())
+    batch_size: int = field(default=16, metadata=positive())
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 

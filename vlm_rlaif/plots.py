@@ -6,7 +6,7 @@ Plain matplotlib on a given Axes, so notebooks compose them and stage.save_figur
 from __future__ import annotations
 
 import textwrap
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def frame_strip(ax, frames: np.ndarray, title: str | None = None, caption: str |
     if title:
         ax.set_title(title, fontsize=8, loc="left")
     if caption:
-        ax.set_xlabel(textwrap.fill(caption, 160), fontsize=7, loc="left")
+        ax.set_xlabel("\n".join(textwrap.fill(line, 160) for line in caption.splitlines()), fontsize=7, loc="left")
 
 
 def length_histogram(ax, easy: Sequence[int], hard: Sequence[int], threshold: float) -> None:
@@ -137,13 +137,17 @@ PPO_PANELS = {
 }
 
 
-def ppo_curves(axes, log: list[dict]) -> None:
-    """PPO's per-rollout log (ppo.LOG_FILE), one panel per quantity of PPO_PANELS."""
-    steps = [e["step"] for e in log]
+def ppo_curves(axes, logs: Mapping[str, list[dict]]) -> None:
+    """PPO's per-rollout logs (ppo.LOG_FILE), one panel per quantity of PPO_PANELS: one colour
+    per run (seed), one line style per quantity where a panel holds several."""
+    styles = ["-", "--", ":"]
     for ax, (title, keys) in zip(np.ravel(axes), PPO_PANELS.values()):
-        for key in keys:
-            ax.plot(steps, [e[key] for e in log], marker=".", linewidth=1, label=key.replace("_", " "))
+        for colour, (run, log) in enumerate(logs.items()):
+            steps = [e["step"] for e in log]
+            for style, key in zip(styles, keys):
+                label = " ".join(part for part in (run if len(logs) > 1 else "", key.replace("_", " ") if len(keys) > 1 else "") if part)
+                ax.plot(steps, [e[key] for e in log], marker=".", linewidth=1, linestyle=style, color=f"C{colour}", label=label or None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("rollout batch", fontsize=8)
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
+        if len(keys) > 1 or len(logs) > 1:
+            ax.legend(fontsize=6)

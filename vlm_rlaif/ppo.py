@@ -9,7 +9,8 @@ takes the paper's policy-init SFT pass (`initialise_policy`). The policy and the
 adapters on one frozen base (`policy.Models`); their adapters, the value head, the optimizer
 and the schedule are checkpointed every `ppo.save_steps` rollout batches, and a killed run
 resumes from the last checkpoint: the rollout of batch k is drawn under seed (seed, k), so a
-resumed run draws what the uninterrupted one would have.
+resumed run draws what the uninterrupted one would have. The stage trains one policy per seed
+of `ppo.seeds` (`train_seeds`), so the evaluation can set RLAIF's gain against its spread.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from vlm_rlaif.policy import POLICY, VALUE, Models
 OUT = Path("artifacts/ppo")
 CHECKPOINTS = Path("artifacts/checkpoints/ppo")
 LOG_FILE = "log.json"
-PLOTS_FILE = Path("reports/plots/ppo.json")  # the log again, where `dvc plots show` finds it
+PLOTS_DIR = Path("reports/plots/ppo")  # each seed's log again (seed-N.json), where `dvc plots show` finds it
 
 
 def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator, optimizer, scheduler) -> dict[str, float]:
@@ -103,7 +104,8 @@ def fingerprint(params: Params, prompts_file: Path, sft: Path, reward: Path) -> 
     from vlm_rlaif import generation, modeling, reward_model
 
     code = [Path(m.__file__) for m in (sys.modules[__name__], policy, ppo_math, rollout, generation, modeling, reward_model)]
-    settings = {"ppo": dataclasses.asdict(params.ppo), "seed": params.seed, "num_frames": params.data.num_frames}
+    ppo = {k: v for k, v in dataclasses.asdict(params.ppo).items() if k != "seeds"}  # a run is one seed's
+    settings = {"ppo": ppo, "seed": params.seed, "num_frames": params.data.num_frames}
     inputs = [prompts_file, prompts_file.with_name("policy_init.json"), reward / policy.HEAD_FILE]
     return io.run_stamp(code, settings, inputs, [sft, reward / policy.ADAPTER_DIR])
 
@@ -165,6 +167,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     start, log, kl_coef = 0, [], cfg.kl_coef
     resume = last_checkpoint(checkpoints)
     if resume is not None:  # the checkpoint holds the initialised policy too
+        io.report_resume(resume)
         state = load_checkpoint(resume, models, optimizer, scheduler)
         start, log, kl_coef = state["step"], state["log"], state["kl_coef"]
     elif cfg.policy_init:
@@ -195,15 +198,29 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         io.write_json(tmp / "policy" / "base.json", {"base": str(sft)})
         io.write_json(tmp / LOG_FILE, log)
         io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * cfg.ppo_epochs * minibatches,
-                                          "prompts_over_query_length": too_long, "resumed_from": str(resume) if resume else None})
+                                          "prompts_over_query_length": too_long})
     return out
+
+
+def seed_folder(folder: Path, seed: int) -> Path:
+    return folder / f"seed-{seed}"
+
+
+def train_seeds(params: Params, out: Path = OUT, checkpoints: Path = CHECKPOINTS, progress: bool = True, **inputs: Path) -> list[Path]:
+    """One PPO run per seed of `ppo.seeds`, each to out/seed-N with its own checkpoints; runs
+    of seeds no longer listed are removed, so `out` holds exactly the configured runs."""
+    for stale in out.glob("seed-*"):
+        if stale.name not in {seed_folder(out, s).name for s in params.ppo.seeds}:
+            shutil.rmtree(stale)
+    return [train(dataclasses.replace(params, seed=s), out=seed_folder(out, s), checkpoints=seed_folder(checkpoints, s), progress=progress, **inputs)
+            for s in params.ppo.seeds]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.ppo", description="PPO of the policy against the reward model.")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    train(load_params(args.params))
+    train_seeds(load_params(args.params))
     return 0
 
 
