@@ -1,0 +1,187 @@
+"""The evaluate and analysis stages on the tiny project: real answers from the tiny base, SFT and
+PPO-trained RLAIF models, graded by the oracle or by an LLM judge behind a real local server."""
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+from vlm_rlaif import analysis, evaluate, io, ppo
+from vlm_rlaif.benchmark import DIMENSIONS
+from vlm_rlaif.config import ConfigError, load_params
+from vlm_rlaif.evaluation import oracle_description_scores
+
+from conftest import PPO, run_notebook
+
+matplotlib.use("Agg")
+EVALUATE = {"max_new_tokens": 10, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def policies(trained):
+    """The tiny project with an SFT model (the base stands in), a reward model, and two PPO
+    policies (seeds 0 and 1) trained against it."""
+    root, _ = trained
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        shutil.copytree("artifacts/base", "artifacts/sft", dirs_exist_ok=True)
+        shutil.copytree("ppo_rm", "artifacts/reward_model", dirs_exist_ok=True)
+        params = load_params("params.yaml", overrides={"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE})
+        ppo.train_seeds(params, progress=False)
+    return root, params
+
+
+@pytest.fixture(scope="module")
+def evaluated(policies):
+    root, params = policies
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        metrics = evaluate.run(params, progress=False)
+    return root, params, metrics
+
+
+def test_every_model_and_seed_is_graded_on_every_set_by_the_oracle(evaluated, monkeypatch):
+    root, params, metrics = evaluated
+    monkeypatch.chdir(root)
+    assert metrics["judge"] == ["oracle"] and set(metrics["models"]) == {"base", "sft", "rlaif"}
+    scenes = io.read_json("artifacts/prepare/scenes.json")
+    for model, stats in metrics["models"].items():
+        assert set(stats["seeds"]) == {0, 1}
+        for seed, row in stats["seeds"].items():
+            assert all(0.0 <= row[d] <= 5.0 for d in (*DIMENSIONS, "mean")) and 0.0 <= row["qa_synthetic_accuracy"] <= 1.0
+            written = evaluate.read_judged(model, seed)
+            assert {r["judge"] for records in written["judged"].values() for r in records} == {"oracle"}
+            answers = [r["prediction"] for r in written["judged"]["generic"]]
+            facts = oracle_description_scores(scenes, [_generic(r) for r in written["judged"]["generic"]], answers)
+            assert row["description_precision"] == round(facts["precision"], 4)  # the metric is the oracle's count of these answers
+            assert row["correctness"] == round(5 * facts["precision"], 4)
+        assert stats["mean"]["mean"] == pytest.approx(sum(r["mean"] for r in stats["seeds"].values()) / 2, abs=1e-4)
+    rlaif = [evaluate.read_judged("rlaif", s)["judged"]["generic"] for s in (0, 1)]
+    assert [r["prediction"] for r in rlaif[0]] != [r["prediction"] for r in rlaif[1]]  # two policies, two seeds
+    target = metrics["target"]
+    assert target["metric"] == evaluate.TARGET and target["seeds"] == 2
+    assert target["gain"] == pytest.approx(target["rlaif"] - target["sft"], abs=1e-4)
+    assert target["met"] == (target["gain"] > target["spread"])
+
+
+def _generic(record):
+    from vlm_rlaif.data import GenericQA
+
+    return GenericQA.from_dict({k: record[k] for k in ("video_name", "Q", "A")}, "record")
+
+
+def test_a_rerun_answers_only_what_is_missing_and_ends_the_same(evaluated, monkeypatch):
+    root, params, metrics = evaluated
+    monkeypatch.chdir(root)
+    loads = []
+    real = evaluate.load
+    monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
+    assert evaluate.run(params, progress=False) == metrics and loads == []  # everything answered already
+    (evaluate.CHECKPOINTS / "sft" / "seed-1" / "consistency.json").unlink()  # killed while answering this set
+    assert evaluate.run(params, progress=False) == metrics and loads == ["sft/seed-1"]
+    hotter = load_params("params.yaml", overrides={"ppo": PPO | {"seeds": [0]}, "evaluate": EVALUATE | {"temperature": 0.9}})
+    loads.clear()
+    evaluate.run(hotter, out=Path("hot"), progress=False)
+    assert loads == ["base/seed-0", "sft/seed-0", "rlaif/seed-0"]  # other decoding: no answer is reused
+
+
+def test_missing_models_and_an_oracle_without_scenes_are_named(policies, monkeypatch, tmp_path):
+    root, params = policies
+    monkeypatch.chdir(root)
+    more = load_params("params.yaml", overrides={"ppo": PPO | {"seeds": [0, 7]}})
+    with pytest.raises(FileNotFoundError, match="rlaif/seed-7: artifacts/ppo/seed-7/policy does not exist"):
+        evaluate.runs(more)
+    shutil.copytree("artifacts/prepare/eval", tmp_path / "prepared" / "eval")
+    with pytest.raises(ConfigError, match="evaluate.judge.kind: the oracle judges the synthetic world only"):
+        evaluate.judge(params, tmp_path / "prepared")
+
+
+class JudgeServer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge: 4 when the reference's first word is in the answer, else 1;
+    zero-shot instructions get a yes/no match as well."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests += 1
+        prompt = body["messages"][-1]["content"]
+        reference = prompt.split("Reference answer: ")[1].split("\n")[0]
+        answer = prompt.split("Assistant's answer: ")[1].split("\n")[0] if "Assistant's answer: " in prompt else ""
+        hit = reference.split()[0].strip(".").lower() in answer.lower()
+        reply = {"score": 4 if hit else 1} | ({"pred": "yes" if hit else "no"} if '"pred"' in prompt else {})
+        data = json.dumps({"model": "judge-7b-0613", "choices": [{"message": {"role": "assistant", "content": json.dumps(reply)}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_an_llm_judge_behind_a_local_server_grades_and_a_rerun_costs_no_request(policies, monkeypatch):
+    root, _ = policies
+    monkeypatch.chdir(root)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeServer)
+    server.requests = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = {"kind": "openai", "model": "judge-7b", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "api_key_env": "NO_SUCH_KEY"}
+        params = load_params("params.yaml", overrides={"ppo": PPO | {"seeds": [0]}, "evaluate": EVALUATE | {"num_samples": 2, "judge": judge}})
+        metrics = evaluate.run(params, out=Path("llm_judged"), checkpoints=Path("llm_ckpt"), progress=False)
+        asked = server.requests
+        sets = evaluate.BenchmarkSets.load("artifacts/prepare", 2)
+        per_run = 3 * len(sets.generic) + len(sets.temporal) + len(sets.consistency) + len(sets.zeroshot["synthetic"])
+        assert asked <= 3 * per_run and asked > 0  # identical answers of two models share a cached grade
+        assert metrics["judge"] == ["openai:judge-7b-0613"]  # the id the server reported
+        for stats in metrics["models"].values():
+            row = stats["seeds"][0]
+            assert all(1.0 <= row[d] <= 4.0 for d in DIMENSIONS)
+            assert row["description_precision"] is not None  # the oracle still counts facts on the synthetic world
+        assert evaluate.run(params, out=Path("llm_judged"), checkpoints=Path("llm_ckpt"), progress=False) == metrics
+        assert server.requests == asked  # every grade from the cache
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_notebooks_write_metrics_tables_figures_and_samples(evaluated, monkeypatch):
+    root, params, _ = evaluated
+    monkeypatch.chdir(root)
+    done = run_notebook("07_evaluate", {"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(Path("reports/metrics/evaluate.json").read_text())
+    assert set(metrics["models"]) == {"base", "sft", "rlaif"} and "target" in metrics
+    assert [row["model"] for row in json.loads(Path(evaluate.PLOTS_FILE).read_text())] == ["base", "sft", "rlaif"]
+
+    _earlier_stage_reports()
+    done = run_notebook("08_analysis", {"ppo": PPO | {"seeds": [0, 1]}})
+    assert done.returncode == 0, done.stderr[-3000:]
+    main = Path("reports/tables/main.md").read_text()
+    assert main.count("| ours, 2 seeds |") == 3 and main.count("published (paper)") == len(analysis.PUBLISHED_VIDEO_CHATGPT)
+    assert "| RLAIF (PPO) | " in main and " ± " in main
+    oracle = Path("reports/tables/oracle_facts.md").read_text()
+    assert f"{metrics['target']['gain']:+.4f}" in oracle
+    samples = Path("reports/tables/samples.md").read_text().splitlines()[2:]
+    assert samples and all(len(line.split(" | ")) == 7 for line in samples)
+    for name in ("analysis_scores", "analysis_samples"):
+        assert Path(f"reports/figures/{name}.png").stat().st_size > 0
+
+
+def _earlier_stage_reports() -> None:
+    """What the preferences, reward-model and PPO stages leave in reports/, in their formats."""
+    import matplotlib.pyplot as plt
+
+    judge = {"agreement": 0.5, "pairs": 4, "consistency": 0.25, "kept_fraction": 0.5}
+    io.write_json("reports/metrics/preferences.json", {"judges": {"context": judge, "no_context": judge | {"agreement": 0.25}}})
+    io.write_json("reports/metrics/reward_model.json", {"oracle": {"reward_model": {"accuracy": 0.75, "pairs": 4}, "reward_correlation": 0.1}})
+    Path("reports/figures").mkdir(parents=True, exist_ok=True)
+    for name in ("preferences_quality", "reward_model", "ppo_curves"):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1])
+        fig.savefig(f"reports/figures/{name}.png")
+        plt.close(fig)

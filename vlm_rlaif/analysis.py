@@ -1,0 +1,154 @@
+"""The analysis stage: the paper's tables from the stages' metrics, with the published rows beside ours.
+
+Every number here is read from reports/metrics/*.json and artifacts/evaluate/ (so from
+data.dvc and params.yaml through dvc.lock); nothing is computed twice. Published figures come
+from the paper (PAPER.md) and are marked as such: they are 7B models on real videos graded by
+gpt-3.5-turbo, ours are whatever profile ran, graded by the judge named in each row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from vlm_rlaif import evaluate
+from vlm_rlaif.benchmark import DIMENSIONS
+
+LABELS = {"base": "base", "sft": "SFT", "rlaif": "RLAIF (PPO)"}
+DIMENSION_HEADERS = {"correctness": "correct", "detail": "detail", "context": "context", "temporal": "temporal", "consistency": "consist."}
+
+# The paper's Video-ChatGPT benchmark (gpt-3.5-turbo judge), 0-5.
+PUBLISHED_VIDEO_CHATGPT = {
+    "VLM-RLAIF 7B": (3.63, 3.25, 4.00, 3.23, 3.32, 3.49),
+    "SFT 7B": (2.79, 2.82, 3.37, 2.28, 2.49, 2.75),
+    "Video-ChatGPT": (2.40, 2.52, 2.62, 1.98, 2.37, 2.38),
+    "Video-LLaVA": (2.87, 2.94, 3.44, 2.45, 2.51, 2.84),
+}
+# The paper's zero-shot QA accuracy (%), VLM-RLAIF 7B and SFT 7B.
+PUBLISHED_ZEROSHOT = {"MSVD-QA": (76.4, 67.2), "MSRVTT-QA": (63.0, 52.4), "ActivityNet-QA": (57.3, 44.1)}
+
+
+def _cell(stats: Mapping, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    """mean ± std over seeds (the std left out when one seed ran)."""
+    mean, std = stats["mean"].get(key), stats["std"].get(key)
+    if mean is None:
+        return "n/a"
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if len(stats["seeds"]) > 1 else "")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def main_table(metrics: Mapping) -> str:
+    """Video-ChatGPT's five dimensions and their mean: our models (mean ± std over seeds) and
+    the paper's published rows."""
+    judge = ", ".join(metrics["judge"])
+    header = ["model", *DIMENSION_HEADERS.values(), "mean", "judge", "source"]
+    ours = [[LABELS[m], *(_cell(stats, d) for d in (*DIMENSIONS, "mean")), judge, f"ours, {len(stats['seeds'])} seeds"]
+            for m, stats in metrics["models"].items()]
+    published = [[name, *(f"{v:.2f}" for v in values), "gpt-3.5-turbo", "published (paper)"] for name, values in PUBLISHED_VIDEO_CHATGPT.items()]
+    return _table(header, ours + published)
+
+
+def zeroshot_table(metrics: Mapping) -> str:
+    """Zero-shot QA accuracy (%) and score per benchmark: ours, then the paper's published accuracies."""
+    names = sorted({k.removeprefix("qa_").removesuffix("_accuracy") for stats in metrics["models"].values()
+                    for k in stats["mean"] if k.startswith("qa_") and k.endswith("_accuracy")})
+    header = ["model", "benchmark", "accuracy (%)", "score (0-5)", "judge", "source"]
+    judge = ", ".join(metrics["judge"])
+    rows = [[LABELS[m], name, _cell(stats, f"qa_{name}_accuracy", 100, 1), _cell(stats, f"qa_{name}_score"), judge, "ours"]
+            for name in names for m, stats in metrics["models"].items()]
+    for name, (rlaif, sft) in PUBLISHED_ZEROSHOT.items():
+        rows += [["VLM-RLAIF 7B", name, f"{rlaif:.1f}", "", "gpt-3.5-turbo", "published (paper)"],
+                 ["SFT 7B", name, f"{sft:.1f}", "", "gpt-3.5-turbo", "published (paper)"]]
+    return _table(header, rows)
+
+
+def oracle_table(metrics: Mapping) -> str:
+    """The oracle's count of the facts in every detailed description (synthetic world only),
+    and whether RLAIF's gain in factual accuracy clears the seed-to-seed spread."""
+    keys = {"description_precision": "factual accuracy (precision)", "description_recall": "recall", "description_f1": "F1",
+            "description_perfect": "perfect answers", "hallucinated_per_answer": "hallucinated facts / answer"}
+    rows = [[LABELS[m], *(_cell(stats, k, digits=3) for k in keys)] for m, stats in metrics["models"].items()]
+    table = _table(["model", *keys.values()], rows)
+    t = metrics.get("target")
+    if t:
+        verdict = "clears" if t["met"] else "does not clear"
+        table += (f"\n\nRLAIF - SFT on {t['metric']}: {t['gain']:+.4f} ({t['rlaif']:.4f} vs {t['sft']:.4f}, means over {t['seeds']} seeds); "
+                  f"the seed-to-seed spread (largest min-max range) is {t['spread']:.4f}, so the gain {verdict} it.")
+    return table
+
+
+def feedback_table(preferences: Mapping, reward_model: Mapping) -> str:
+    """The context ablation that runs in every pipeline: the AI judge's agreement with the oracle
+    with and without clip-caption context, and the reward model trained on its preferences."""
+    judges = preferences["judges"]
+    rows = [[f"judge, {name.replace('_', ' ')}", f"{j['agreement']:.3f}", str(j["pairs"]), f"{j['consistency']:.3f}", f"{j['kept_fraction']:.3f}"]
+            for name, j in judges.items()]
+    oracle = reward_model["oracle"]
+    rows.append(["reward model (on pairs it did not train on)", f"{oracle['reward_model']['accuracy']:.3f}", str(oracle["reward_model"]["pairs"]), "", ""])
+    table = _table(["feedback", "agreement with the oracle", "pairs", "order consistency", "kept"], rows)
+    return table + f"\n\nChance is 0.5. Reward/oracle-score correlation: {oracle['reward_correlation']:.3f}."
+
+
+def score_bars(ax, metrics: Mapping, keys: Sequence[str], labels: Sequence[str], title: str) -> None:
+    """Grouped bars, one group per metric and one bar per model, error bars the std over seeds."""
+    models = list(metrics["models"])
+    width = 0.8 / len(models)
+    x = np.arange(len(keys))
+    for i, model in enumerate(models):
+        stats = metrics["models"][model]
+        means = [stats["mean"].get(k) or 0.0 for k in keys]
+        errors = [stats["std"].get(k) or 0.0 for k in keys]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=LABELS[model], color=f"C{i}")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def samples(judged_sft: Mapping, judged_rlaif: Mapping, count: int = 4) -> list[dict]:
+    """Detailed-description questions where SFT and RLAIF answered differently: the first
+    `count` in benchmark order (no picking by outcome), with the oracle's precision of each."""
+    out = []
+    for sft, rlaif in zip(judged_sft["judged"]["generic"], judged_rlaif["judged"]["generic"]):
+        if sft["prediction"] != rlaif["prediction"]:
+            out.append({"video_name": sft["video_name"], "question": sft["Q"], "reference": sft["A"], "sft": sft["prediction"],
+                        "rlaif": rlaif["prediction"], "sft_correctness": sft["correctness"], "rlaif_correctness": rlaif["correctness"]})
+        if len(out) == count:
+            break
+    return out
+
+
+def verdict(sample: Mapping) -> str:
+    """Which answer the judge's correctness grade prefers."""
+    a, b = sample["sft_correctness"], sample["rlaif_correctness"]
+    return "tie" if a == b else "RLAIF" if b > a else "SFT"
+
+
+def samples_table(rows: Sequence[Mapping]) -> str:
+    body = [[r["video_name"], r["question"], r["sft"], f"{r['sft_reward']:.2f}", r["rlaif"], f"{r['rlaif_reward']:.2f}", verdict(r)]
+            for r in rows]
+    return _table(["video", "question", "SFT answer", "reward", "RLAIF answer", "reward", "more correct (judge)"], body)
+
+
+def with_rewards(rows: Sequence[Mapping], reward_dir: str | Path, video_root: str | Path, num_frames: int, dtype: str = "float32"):
+    """The samples with the reward model's score of both answers, and each video's frames."""
+    from vlm_rlaif import reward_model
+    from vlm_rlaif.evaluation import release_conversation
+    from vlm_rlaif.video import load_video, resolve_video
+
+    model, processor = reward_model.load_reward_model(reward_dir, dtype=dtype)
+    videos = [load_video(resolve_video(video_root, r["video_name"]), num_frames) for r in rows]
+    prompts = [release_conversation(r["question"]) for r in rows]
+    rewards = {key: reward_model.score(model, processor, videos, prompts, [r[key] for r in rows]).tolist() for key in ("sft", "rlaif")}
+    scored = [{**r, "sft_reward": rewards["sft"][i], "rlaif_reward": rewards["rlaif"][i]} for i, r in enumerate(rows)]
+    return scored, videos
+
+
+def read_evaluation(seed: int, out: Path = evaluate.OUT) -> tuple[dict, dict]:
+    """The SFT and RLAIF runs of one seed, as the evaluate stage graded them."""
+    return evaluate.read_judged("sft", seed, out), evaluate.read_judged("rlaif", seed, out)
