@@ -8,12 +8,14 @@ gpt-3.5-turbo, ours are whatever profile ran, graded by the judge named in each 
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from vlm_rlaif import evaluate
+from vlm_rlaif import evaluate, io, stage
 from vlm_rlaif.benchmark import DIMENSIONS
 
 LABELS = {"base": "base", "sft": "SFT", "rlaif": "RLAIF (PPO)"}
@@ -152,3 +154,42 @@ def with_rewards(rows: Sequence[Mapping], reward_dir: str | Path, video_root: st
 def read_evaluation(seed: int, out: Path = evaluate.OUT) -> tuple[dict, dict]:
     """The SFT and RLAIF runs of one seed, as the evaluate stage graded them."""
     return evaluate.read_judged("sft", seed, out), evaluate.read_judged("rlaif", seed, out)
+
+
+# --------------------------------------------------------------------------- README
+
+RESULTS_START, RESULTS_END = "<!-- results: start -->", "<!-- results: end -->"
+README_TABLES = {"main": "Video-ChatGPT benchmark", "oracle_facts": "Facts of detailed descriptions (the oracle)"}
+
+
+def results_block(tables: Path = stage.TABLES_DIR) -> str:
+    """The README's results: the main table and the oracle's table, as the analysis stage wrote them."""
+    parts = []
+    for name, title in README_TABLES.items():
+        path = tables / f"{name}.md"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; run the analysis stage first (dvc repro analysis)")
+        parts.append(f"**{title}** (`{(stage.TABLES_DIR / path.name).as_posix()}`)\n\n{path.read_text().strip()}")
+    return "\n\n".join(parts)
+
+
+def splice(readme: str, block: str) -> str:
+    """`readme` with the text between the results markers replaced by `block`."""
+    if readme.count(RESULTS_START) != 1 or readme.count(RESULTS_END) != 1:
+        raise ValueError(f"the README needs exactly one {RESULTS_START} and one {RESULTS_END} line")
+    head, rest = readme.split(RESULTS_START)
+    _, tail = rest.split(RESULTS_END)
+    return f"{head}{RESULTS_START}\n{block}\n{RESULTS_END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.analysis",
+                                     description="Copy the analysis stage's tables into the README's results section.")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    args = parser.parse_args(argv)
+    io.write_text(args.readme, splice(args.readme.read_text(), results_block()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
