@@ -22,7 +22,7 @@ from vlm_rlaif.modeling import add_lora, build_inputs, load_model_and_processor
 from vlm_rlaif.preferences import preference_record
 from vlm_rlaif.tiny import build_tiny_model
 
-from conftest import TINY_CORPUS, TINY_VLM, hand_judged, kill_when, resumed_step, run_notebook
+from conftest import TINY_CORPUS, TINY_VLM, hand_judged, kill_when, resumed_step
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -97,7 +97,7 @@ def test_save_and_load_give_identical_rewards(tiny_path, tmp_path):
                 contexts=[None, None, ["A green circle.", "It stays."]])
     before = rm.score(reward_model, processor, videos, **rows, batch_size=2)
     assert before[0] != before[2]  # the context in the instruction is read
-    rm.save_reward_model(reward_model, processor, tmp_path / "rm", base=tiny_path)
+    rm.save_reward_model(reward_model, tmp_path / "rm", base=tiny_path)
     assert {p.name for p in (tmp_path / "rm").iterdir()} == {rm.ADAPTER_DIR, rm.HEAD_FILE, rm.CONFIG_FILE}
     assert not any("vision_tower" in k or "lora" not in k for k in load_file(tmp_path / "rm" / rm.ADAPTER_DIR / "adapter_model.safetensors"))
     loaded, loaded_processor = rm.load_reward_model(tmp_path / "rm")
@@ -237,21 +237,6 @@ def test_reward_quality_counts_against_the_oracle(built):
     assert flipped["oracle"]["judge"]["accuracy"] == 1.0  # the judge's own agreement does not depend on the rewards
     blind = rm.reward_quality(judged, right, split, None)
     assert "oracle" not in blind and blind["rewards"]["mean"] == pytest.approx(0.5)
-
-
-def test_the_notebook_runs_under_papermill_and_writes_metrics_and_figure(staged, tmp_path):
-    params, prefs, judged = staged
-    if not Path("artifacts/sft").exists():
-        shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
-    shutil.rmtree("artifacts/preferences", ignore_errors=True)
-    shutil.copytree(prefs, "artifacts/preferences")
-    done = run_notebook("05_reward_model", {"reward_model": STAGE})
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads(Path("reports/metrics/reward_model.json").read_text())
-    assert metrics["pairs"] == {"train": len(judged) - 2, "heldout": 1, "unkept": 1} and metrics["steps"] == 3 * (len(judged) - 2)
-    assert metrics["oracle"]["reward_model"]["pairs"] == 2 and metrics["final_loss"] > 0
-    assert Path("reports/figures/reward_model.png").stat().st_size > 0
-    assert rm.load_reward_model("artifacts/reward_model")[0].backbone.peft_config["default"].r == 4
 
 
 def test_the_reward_model_can_sit_on_another_base_than_the_policy(staged, tmp_path):

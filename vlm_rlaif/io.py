@@ -7,6 +7,7 @@ partial results (checkpoints, shards) are reused only by a run with the same sta
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -22,11 +23,21 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _clear_leftovers(path: Path) -> None:
+    """Remove the temp files or folders a killed writer of `path` left beside it."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
     """Open a temp file beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to their writer
     try:
@@ -48,6 +59,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
@@ -108,9 +120,9 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 
 
 def without_timings(log_history: list[dict]) -> list[dict]:
-    """Trainer's log without its wall-clock figures, so the file saved beside a model is
-    byte-stable across runs."""
-    return [{k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))} for entry in log_history]
+    """Trainer's log without its wall-clock figures and with its keys in order, so the file
+    saved beside a model is byte-stable across runs, resumed ones included."""
+    return [{k: entry[k] for k in sorted(entry) if not k.endswith(("_runtime", "_per_second"))} for entry in log_history]
 
 
 def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], inputs: Iterable[str | os.PathLike], models: Iterable[str | os.PathLike] = ()) -> str:

@@ -112,6 +112,13 @@ def load_model_and_processor(
     return model, processor
 
 
+def save_processor(source: str | Path, folder: str | Path) -> None:
+    """Save the processor of model `source` into `folder` as loaded, not as a stage used it:
+    padding a batch leaves its settings on the tokenizer, so a processor saved after training
+    would differ from the one a run resumed past training saves."""
+    AutoProcessor.from_pretrained(_resolve(source)).save_pretrained(folder)
+
+
 # --------------------------------------------------------------------------- inputs
 
 

@@ -33,6 +33,7 @@ from vlm_rlaif import io, policy, ppo_math, rollout
 from vlm_rlaif.config import ConfigError, Params, load_params
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.data import RLPrompt, SFTRecord, read_rl_prompts, read_sft
+from vlm_rlaif.modeling import save_processor
 from vlm_rlaif.policy import POLICY, VALUE, Models
 
 OUT = Path("artifacts/ppo")
@@ -194,7 +195,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
 
     with io.atomic_dir(out) as tmp:
         models.model.save_pretrained(tmp / "policy", selected_adapters=[POLICY])
-        models.processor.save_pretrained(tmp / "policy")
+        save_processor(sft, tmp / "policy")
         io.write_json(tmp / "policy" / "base.json", {"base": str(sft)})
         io.write_json(tmp / LOG_FILE, log)
         io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * cfg.ppo_epochs * minibatches,

@@ -34,7 +34,7 @@ from vlm_rlaif import data, io, modeling, prompts as prompt_files, stage, video
 from vlm_rlaif.config import Params, RewardModelConfig, load_params
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
-from vlm_rlaif.modeling import build_inputs, load_model_and_processor
+from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
 from vlm_rlaif.video import load_video
 
 OUT = Path("artifacts/reward_model")
@@ -156,11 +156,11 @@ def load_weights(reward_model: RewardModel, folder: Path) -> None:
     reward_model.head.load_state_dict(load_file(folder / HEAD_FILE))
 
 
-def save_reward_model(reward_model: RewardModel, processor: ProcessorMixin, out: Path, base: str | os.PathLike) -> None:
-    """Adapter, head, processor, and the base the adapter sits on: `load_reward_model` needs
-    only the folder's path."""
+def save_reward_model(reward_model: RewardModel, out: Path, base: str | os.PathLike) -> None:
+    """Adapter, head, the base's processor, and the base the adapter sits on: `load_reward_model`
+    needs only the folder's path."""
     save_weights(reward_model, out)
-    processor.save_pretrained(out / ADAPTER_DIR)
+    save_processor(base, out / ADAPTER_DIR)
     io.write_json(out / CONFIG_FILE, {"base": str(base), "hidden_size": reward_model.head.in_features})
 
 
@@ -309,7 +309,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
 
     if trainer.is_world_process_zero():
         with io.atomic_dir(out) as tmp:
-            save_reward_model(reward_model, processor, tmp, base)
+            save_reward_model(reward_model, tmp, base)
             io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
             io.write_json(tmp / "split.json", {
                 "train": [r.extra.get("uid") for r in train_set], "heldout": [r.extra.get("uid") for r in heldout],

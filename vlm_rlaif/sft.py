@@ -40,7 +40,7 @@ from vlm_rlaif import collate, data, io, modeling, stage, video
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.config import Params, SFTConfig, load_params
 from vlm_rlaif.data import SFTRecord, read_sft
-from vlm_rlaif.modeling import load_model_and_processor
+from vlm_rlaif.modeling import load_model_and_processor, save_processor
 
 OUT = Path("artifacts/sft")
 CHECKPOINTS = Path("artifacts/checkpoints/sft")
@@ -263,7 +263,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         final = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
         with io.atomic_dir(out) as tmp:
             final.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
+            save_processor(base, tmp)
             io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
             io.write_json(tmp / "curriculum.json", {
                 "sizes": curriculum.sizes, "examples": len(curriculum.records), "boundary_step": boundary_step,
