@@ -96,3 +96,5 @@ def test_averaging_cancels_a_position_bias_and_selection_counts_what_it_drops():
     kept, counts = select([biased, sure, second], min_margin=0.2)
     assert kept == [1] and counts == {"inconsistent": 1, "low_margin": 1}
     assert select([biased, sure, second], min_margin=0.0) == ([1, 2], {"inconsistent": 1, "low_margin": 0})
+    # without the order filter the biased verdict stands on its averaged preference, margin 0
+    assert select([biased, sure, second], min_margin=0.0, drop_inconsistent=False) == ([0, 1, 2], {"inconsistent": 0, "low_margin": 0})

@@ -213,6 +213,7 @@ class PreferencesConfig:
     max_clip_frames: int = field(default=20, metadata=positive())
     caption_max_new_tokens: int = field(default=256, metadata=positive())
     min_margin: float = field(default=0.0, metadata=_check(0, 1))
+    drop_inconsistent: bool = True  # drop pairs whose verdict flips with the answers' order (position bias)
     max_resample: int = field(default=2, metadata=non_negative())
     batch_size: int = field(default=8, metadata=positive())
     shard_size: int = field(default=256, metadata=positive())

@@ -151,12 +151,13 @@ def judge_pairs(
     return [Verdict(p_a[i], p_a[n + i], (mass[i] + mass[n + i]) / 2) for i in range(n)]
 
 
-def select(verdicts: Sequence[Verdict], min_margin: float) -> tuple[list[int], dict[str, int]]:
+def select(verdicts: Sequence[Verdict], min_margin: float, drop_inconsistent: bool = True) -> tuple[list[int], dict[str, int]]:
     """Indices of the verdicts kept as preference pairs, and how many were dropped for which
-    reason: the two orders disagree, or the margin is below `min_margin`."""
+    reason: the two orders disagree (unless `drop_inconsistent` is off: then the averaged
+    verdict stands), or the margin is below `min_margin`."""
     kept, counts = [], {"inconsistent": 0, "low_margin": 0}
     for i, verdict in enumerate(verdicts):
-        if not verdict.consistent:
+        if drop_inconsistent and not verdict.consistent:
             counts["inconsistent"] += 1
         elif verdict.margin < min_margin:
             counts["low_margin"] += 1

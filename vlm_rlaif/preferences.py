@@ -150,7 +150,7 @@ def prefer_shard(
             features=[features[video_of[i]] for i in judged], batch_size=cfg.batch_size,
         )
     in_use = verdicts[JUDGES[0] if cfg.use_context else JUDGES[1]]
-    kept = set(select(in_use, cfg.min_margin)[0])
+    kept = set(select(in_use, cfg.min_margin, cfg.drop_inconsistent)[0])
     records = []
     for i, prompt in enumerate(shard):
         first, second = pairs.responses[i] or (None, None)
@@ -256,7 +256,8 @@ def oracle_verdict(record: Mapping, scenes: Mapping[str, Mapping] | None) -> int
     return oracle_preference(*_oracle_inputs(record, scenes), record["output_1"]["value"], record["output_2"]["value"])
 
 
-def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | None, num_clips: int, min_margin: float) -> dict:
+def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | None, num_clips: int, min_margin: float,
+                     drop_inconsistent: bool = True) -> dict:
     """What the synthetic world's oracle says of the stage's preferences. Per judge (with the
     context, without it): agreement with the oracle's verdict on every judged pair and on the
     pairs that judge keeps, overall and per prompt kind; how often its two orders pick the
@@ -281,7 +282,7 @@ def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | 
             continue
         verdicts = {i: Verdict(**judged[i]["judge"][name]) for i in rows}
         winners = {i: v.winner for i, v in verdicts.items()}
-        kept = [rows[j] for j in select([verdicts[i] for i in rows], min_margin)[0]]
+        kept = [rows[j] for j in select([verdicts[i] for i in rows], min_margin, drop_inconsistent)[0]]
         on_kept = agreement(kept, winners)
         judges[name] = agreement(rows, winners) | {
             "agreement_kept": on_kept["agreement"], "pairs_kept": on_kept["pairs"],
