@@ -61,7 +61,9 @@ def built(tmp_path_factory):
     return root
 
 
-# Reward-model and PPO settings small enough for a test to train both in seconds.
+# Preferences, reward-model and PPO settings small enough for a test to run each in seconds.
+PREFERENCES = {"num_prompts": None, "temperature": 2.0, "max_new_tokens": 6, "num_clips": 3, "caption_max_new_tokens": 4,
+               "min_margin": 0.0, "max_resample": 1, "batch_size": 4, "shard_size": 2}
 RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
       "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
 PPO = {"policy_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
@@ -124,24 +126,6 @@ def tiny_vlm(tmp_path_factory):
     """(model, processor) of a tiny LLaVA-NeXT-Video on TINY_CORPUS, built once per session."""
     path = build_tiny_model(TINY_VLM, TINY_CORPUS, tmp_path_factory.mktemp("tiny_vlm") / "model", seed=0)
     return load_model_and_processor(path)
-
-
-def run_notebook(name: str, sections: dict):
-    """Run notebooks/<name>.ipynb under papermill in the current project, with `sections`
-    replacing those of its params.yaml for the run (the file is restored after)."""
-    import os
-    import subprocess
-    import sys
-
-    settings = Path("params.yaml").read_text()
-    Path("params.yaml").write_text(yaml.safe_dump(yaml.safe_load(settings) | sections))
-    shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", f"{name}.ipynb")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml", f"{name}.ipynb", "out.ipynb"]
-    try:
-        return subprocess.run(command, env=env, capture_output=True, text=True)
-    finally:
-        Path("params.yaml").write_text(settings)
 
 
 def kill_when(command: list[str], cwd: Path, target: Path, log: Path) -> None:

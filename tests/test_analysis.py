@@ -50,3 +50,10 @@ def test_splicing_needs_both_markers_once():
         f"a\n{analysis.RESULTS_START}\nnew\n{analysis.RESULTS_END}\nb"
     with pytest.raises(ValueError, match="exactly one"):
         analysis.splice("no markers", "new")
+
+
+def test_the_feedback_table_says_n_a_where_nothing_was_measured():
+    judge = {"agreement": None, "pairs": 0, "consistency": 0.0, "kept_fraction": 1.0}
+    table = analysis.feedback_table({"judges": {"context": judge}}, {"oracle": {"reward_model": {"accuracy": None, "pairs": 0},
+                                                                                "reward_correlation": None}})
+    assert "| judge, context | n/a | 0 | 0.000 | 1.000 |" in table and table.endswith("correlation: n/a.")

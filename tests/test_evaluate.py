@@ -7,17 +7,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import matplotlib
 import pytest
 
-from vlm_rlaif import analysis, evaluate, io, ppo
+from vlm_rlaif import evaluate, io, ppo
 from vlm_rlaif.benchmark import DIMENSIONS
 from vlm_rlaif.config import ConfigError, load_params
 from vlm_rlaif.evaluation import oracle_description_scores
 
-from conftest import PPO, run_notebook
+from conftest import PPO
 
-matplotlib.use("Agg")
 EVALUATE = {"max_new_tokens": 10, "batch_size": 4}
 
 
@@ -147,41 +145,3 @@ def test_an_llm_judge_behind_a_local_server_grades_and_a_rerun_costs_no_request(
     finally:
         server.shutdown()
         server.server_close()
-
-
-def test_the_notebooks_write_metrics_tables_figures_and_samples(evaluated, monkeypatch):
-    root, params, _ = evaluated
-    monkeypatch.chdir(root)
-    done = run_notebook("07_evaluate", {"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE})
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads(Path("reports/metrics/evaluate.json").read_text())
-    assert set(metrics["models"]) == {"base", "sft", "rlaif"} and "target" in metrics
-    assert [row["model"] for row in json.loads(Path(evaluate.PLOTS_FILE).read_text())] == ["base", "sft", "rlaif"]
-
-    _earlier_stage_reports()
-    done = run_notebook("08_analysis", {"ppo": PPO | {"seeds": [0, 1]}})
-    assert done.returncode == 0, done.stderr[-3000:]
-    main = Path("reports/tables/main.md").read_text()
-    assert main.count("| ours, 2 seeds |") == 3 and main.count("published (paper)") == len(analysis.PUBLISHED_VIDEO_CHATGPT)
-    assert "| RLAIF (PPO) | " in main and " ± " in main
-    oracle = Path("reports/tables/oracle_facts.md").read_text()
-    assert f"{metrics['target']['gain']:+.4f}" in oracle
-    samples = Path("reports/tables/samples.md").read_text().splitlines()[2:]
-    assert samples and all(len(line.split(" | ")) == 7 for line in samples)
-    for name in ("analysis_scores", "analysis_samples"):
-        assert Path(f"reports/figures/{name}.png").stat().st_size > 0
-
-
-def _earlier_stage_reports() -> None:
-    """What the preferences, reward-model and PPO stages leave in reports/, in their formats."""
-    import matplotlib.pyplot as plt
-
-    judge = {"agreement": 0.5, "pairs": 4, "consistency": 0.25, "kept_fraction": 0.5}
-    io.write_json("reports/metrics/preferences.json", {"judges": {"context": judge, "no_context": judge | {"agreement": 0.25}}})
-    io.write_json("reports/metrics/reward_model.json", {"oracle": {"reward_model": {"accuracy": 0.75, "pairs": 4}, "reward_correlation": 0.1}})
-    Path("reports/figures").mkdir(parents=True, exist_ok=True)
-    for name in ("preferences_quality", "reward_model", "ppo_curves"):
-        fig, ax = plt.subplots()
-        ax.plot([0, 1])
-        fig.savefig(f"reports/figures/{name}.png")
-        plt.close(fig)

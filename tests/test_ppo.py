@@ -20,7 +20,7 @@ from vlm_rlaif.config import ConfigError, load_params
 from vlm_rlaif.data import read_rl_prompts, read_sft
 from vlm_rlaif.modeling import load_model_and_processor
 
-from conftest import PPO, RM, kill_when, resumed_step, run_notebook
+from conftest import PPO, RM, kill_when, resumed_step
 
 def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
     root, params = trained
@@ -105,23 +105,6 @@ def test_a_minibatch_step_moves_policy_and_value_and_nothing_else(trained, monke
     assert any(".default." in k for k in changed) and any(".value." in k for k in changed)
     assert all(".default." in k or ".value." in k for k in changed)  # the reward adapter and the base stay as they were
     assert not torch.equal(head, models.value_head.weight)
-
-
-def test_the_notebook_runs_under_papermill_and_writes_metrics_curves_and_plots(trained, monkeypatch):
-    root, params = trained
-    monkeypatch.chdir(root)
-    if not Path("artifacts/sft").exists():
-        shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
-    shutil.rmtree("artifacts/reward_model", ignore_errors=True)
-    shutil.copytree("ppo_rm", "artifacts/reward_model")
-    done = run_notebook("06_ppo", {"ppo": PPO | {"seeds": [0, 3]}})
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads(Path("reports/metrics/ppo.json").read_text())
-    assert metrics["rollouts"] == 2 and set(metrics["final"]) == {"seed-0", "seed-3"}
-    assert sorted(p.name for p in Path("artifacts/ppo").iterdir()) == ["seed-0", "seed-3"]
-    logs = [json.loads(Path(f"reports/plots/ppo/seed-{s}.json").read_text()) for s in (0, 3)]
-    assert [log[-1]["step"] for log in logs] == [2, 2] and logs[0] != logs[1]  # two seeds, two runs
-    assert Path("reports/figures/ppo_curves.png").stat().st_size > 0
 
 
 def test_policy_initialisation_trains_the_policy_adapter_alone(trained, monkeypatch, tmp_path):

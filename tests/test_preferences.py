@@ -2,7 +2,6 @@
 output format, and its measured quality against the oracle."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from vlm_rlaif.preferences import OUT, feedback_quality, preference_record, run,
 from vlm_rlaif.synthetic.language import clip_ranges, describe
 from vlm_rlaif.synthetic.scene import Scene
 
-from conftest import run_notebook
+from conftest import PREFERENCES
 
 
 def prompts(n: int) -> tuple[list[np.ndarray], list[list[dict]]]:
@@ -60,8 +59,7 @@ def test_precomputed_features_serve_every_draw_without_the_vision_tower(tiny_vlm
 
 # --------------------------------------------------------------------------- the stage
 
-STAGE = {"num_prompts": None, "temperature": 2.0, "max_new_tokens": 6, "num_clips": 3, "caption_max_new_tokens": 4,
-         "min_margin": 0.0, "max_resample": 1, "batch_size": 4, "shard_size": 2}
+STAGE = PREFERENCES
 
 
 def rl_prompt(uid: int, video: str) -> RLPrompt:
@@ -160,16 +158,3 @@ def test_feedback_quality_measures_each_judge_against_the_oracle(built):
     assert quality["captions"]["clip"] == {"precision": 1.0, "f1": 1.0, "count": 3 * len({r["images"][0] for r in judged})}
     assert quality["captions"]["video"]["f1"] == 1.0
     assert feedback_quality(judged, None, num_clips=3, min_margin=0.0)["judges"]["context"]["agreement"] is None
-
-
-def test_the_notebook_runs_under_papermill_and_writes_metrics_and_figure(built, monkeypatch):
-    monkeypatch.chdir(built)
-    if not Path("artifacts/sft").exists():
-        shutil.copytree("artifacts/base", "artifacts/sft")  # the base stands in for the SFT model
-    done = run_notebook("04_preferences", {"preferences": STAGE})
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads(Path("reports/metrics/preferences.json").read_text())
-    assert metrics["counts"]["prompts"] == 4 and set(metrics["judges"]) == {"context", "no_context"}
-    assert metrics["oracle"]["pairs"] + metrics["counts"]["dropped"]["identical"] == 4
-    assert metrics["captions"]["clip"]["count"] == 3 * 2  # 3 clips of each of the 2 RL videos
-    assert Path("reports/figures/preferences_quality.png").stat().st_size > 0

@@ -1,10 +1,6 @@
 """The `prepare` and `base` stages: package functions, and their notebooks under papermill."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +13,7 @@ from vlm_rlaif.config import ConfigError, load_params
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
 from vlm_rlaif.video import load_video
 
-from conftest import PARAMS, ROOT
+from conftest import PARAMS
 
 
 def _edit_json(path: Path, edit) -> None:
@@ -84,20 +80,6 @@ def test_base_builds_a_model_that_later_stages_load_by_path(project):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
     again = base.materialise(params, prepare.OUT, project / "again")
     assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
-
-
-def test_stage_notebooks_run_under_papermill_with_injected_params(project):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    papermill = [sys.executable, "-m", "papermill", "--no-progress-bar", "-f", "params.yaml"]
-    for name in ("01_prepare", "02_base"):
-        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", project / f"{name}.ipynb")
-        done = subprocess.run([*papermill, f"{name}.ipynb", f"{name}.out.ipynb"], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((project / "reports/metrics/prepare.json").read_text())
-    assert metrics["records"]["sft_hard"] == 6
-    base_metrics = json.loads((project / "reports/metrics/base.json").read_text())
-    assert base_metrics["visual_tokens_per_video"] == 4 * (32 // 8 // 2) ** 2
-    assert (project / "reports/figures/prepare_frame_strips.png").stat().st_size > 0
 
 
 def test_tiny_base_learns_to_read_colours_from_pixels(built):

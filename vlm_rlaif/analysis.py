@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from vlm_rlaif import evaluate, io, stage
+from vlm_rlaif import evaluate, io, plots, stage
 from vlm_rlaif.benchmark import DIMENSIONS
 
 LABELS = {"base": "base", "sft": "SFT", "rlaif": "RLAIF (PPO)"}
@@ -85,16 +85,20 @@ def oracle_table(metrics: Mapping) -> str:
     return table
 
 
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def feedback_table(preferences: Mapping, reward_model: Mapping) -> str:
     """The context ablation that runs in every pipeline: the AI judge's agreement with the oracle
-    with and without clip-caption context, and the reward model trained on its preferences."""
-    judges = preferences["judges"]
-    rows = [[f"judge, {name.replace('_', ' ')}", f"{j['agreement']:.3f}", str(j["pairs"]), f"{j['consistency']:.3f}", f"{j['kept_fraction']:.3f}"]
-            for name, j in judges.items()]
+    with and without clip-caption context, and the reward model trained on its preferences
+    (n/a where there was nothing to measure)."""
+    rows = [[f"judge, {name.replace('_', ' ')}", _number(j["agreement"]), str(j["pairs"]), _number(j["consistency"]), _number(j["kept_fraction"])]
+            for name, j in preferences["judges"].items()]
     oracle = reward_model["oracle"]
-    rows.append(["reward model (on pairs it did not train on)", f"{oracle['reward_model']['accuracy']:.3f}", str(oracle["reward_model"]["pairs"]), "", ""])
+    rows.append(["reward model (on pairs it did not train on)", _number(oracle["reward_model"]["accuracy"]), str(oracle["reward_model"]["pairs"]), "", ""])
     table = _table(["feedback", "agreement with the oracle", "pairs", "order consistency", "kept"], rows)
-    return table + f"\n\nChance is 0.5. Reward/oracle-score correlation: {oracle['reward_correlation']:.3f}."
+    return table + f"\n\nChance is 0.5. Reward/oracle-score correlation: {_number(oracle['reward_correlation'])}."
 
 
 def score_bars(ax, metrics: Mapping, keys: Sequence[str], labels: Sequence[str], title: str) -> None:
@@ -149,6 +153,25 @@ def with_rewards(rows: Sequence[Mapping], reward_dir: str | Path, video_root: st
     rewards = {key: reward_model.score(model, processor, videos, prompts, [r[key] for r in rows]).tolist() for key in ("sft", "rlaif")}
     scored = [{**r, "sft_reward": rewards["sft"][i], "rlaif_reward": rewards["rlaif"][i]} for i, r in enumerate(rows)]
     return scored, videos
+
+
+def samples_figure(rows: Sequence[Mapping], videos: Sequence[np.ndarray]):
+    """One frame strip per sample, both answers under it with their reward and grade; a note
+    instead when SFT and RLAIF answered every question alike."""
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        fig, ax = plt.subplots(figsize=(8, 1))
+        ax.axis("off")
+        ax.text(0, 0.5, "SFT and RLAIF answered every detailed-description question alike.", fontsize=9)
+        return fig
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 3.2 * len(rows)), squeeze=False)
+    for ax, row, frames in zip(axes[:, 0], rows, videos):
+        caption = (f"SFT ({row['sft_reward']:.2f}, correct {row['sft_correctness']:.1f}): {row['sft']}\n"
+                   f"RLAIF ({row['rlaif_reward']:.2f}, correct {row['rlaif_correctness']:.1f}): {row['rlaif']}")
+        plots.frame_strip(ax, frames, title=f"{row['video_name']}: {row['question']}", caption=caption)
+    fig.tight_layout()
+    return fig
 
 
 def read_evaluation(seed: int, out: Path = evaluate.OUT) -> tuple[dict, dict]:

@@ -1,0 +1,119 @@
+"""The whole pipeline under `dvc repro` on a tiny world: every stage runs from the repo's
+dvc.yaml and notebooks; a run killed in the middle of PPO resumes under a second `dvc repro`,
+which reruns only the unfinished stages; and it ends with the metrics of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import PARAMS, PPO, PREFERENCES, RM, ROOT, make_project
+
+TINY = PARAMS | {
+    "sft": PARAMS["sft"] | {"epochs": 1.0},
+    "preferences": PREFERENCES | {"drop_inconsistent": False},  # the barely trained judge is all position bias
+    "reward_model": RM,
+    "ppo": PPO | {"seeds": [0, 1]},
+    "evaluate": {"max_new_tokens": 8, "batch_size": 4},
+}
+STAGES = ("prepare", "base", "sft", "preferences", "reward_model", "ppo", "evaluate", "analysis")
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` written over it, section by section."""
+    return {k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in changes.items()} | {
+        k: v for k, v in base.items() if k not in changes}
+
+
+def pipeline_project(root: Path) -> Path:
+    """A tiny project that runs the repo's own dvc.yaml, notebooks and package; its params.yaml
+    is the repo's with the tiny settings over it (dvc.yaml names keys that must be there)."""
+    make_project(root, merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY))
+    for name in ("vlm_rlaif", "notebooks"):
+        (root / name).symlink_to(ROOT / name, target_is_directory=True)
+    (root / "reports/notebooks").mkdir(parents=True)  # as in the repo, where git keeps it
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=_env())
+    return root
+
+
+def _env() -> dict:
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def repro(root: Path, kill_at: Path | None = None) -> subprocess.CompletedProcess | None:
+    """`dvc repro` in `root`; with `kill_at`, SIGKILL the whole run (dvc, papermill, the kernel)
+    as soon as that file exists."""
+    command = [sys.executable, "-m", "dvc", "repro"]
+    if kill_at is None:
+        return subprocess.run(command, cwd=root, env=_env(), capture_output=True, text=True, timeout=900)
+    with open(root / "killed.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=root, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 900
+        while not kill_at.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"dvc repro ended before {kill_at} appeared:\n{(root / 'killed.log').read_text()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return None
+
+
+def metrics(root: Path) -> dict:
+    return {p.name: json.loads(p.read_text()) for p in sorted((root / "reports/metrics").glob("*.json"))}
+
+
+def outputs(root: Path) -> dict:
+    """Every stage output's hash in dvc.lock but the executed notebooks (they hold timestamps)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o.get("md5") for s in lock.values() for o in s.get("outs", []) if not o["path"].startswith("reports/notebooks/")}
+
+
+def stage_reports(root: Path) -> None:
+    """What each stage's notebook reports, with the tiny settings papermill injected."""
+    got = metrics(root)
+    assert set(got) == {f"{s}.json" for s in STAGES if s != "analysis"}
+    assert got["prepare.json"]["records"]["sft_hard"] == 6
+    assert got["base.json"]["visual_tokens_per_video"] == 4 * (32 // 8 // 2) ** 2
+    assert got["preferences.json"]["counts"]["prompts"] == 4 and set(got["preferences.json"]["judges"]) == {"context", "no_context"}
+    assert got["preferences.json"]["counts"]["kept"] == 4 - got["preferences.json"]["counts"]["dropped"]["identical"]  # no order filter
+    assert got["reward_model.json"]["pairs"]["heldout"] == 1 and got["reward_model.json"]["final_loss"] > 0
+    assert set(got["ppo.json"]["final"]) == {"seed-0", "seed-1"} and got["ppo.json"]["rollouts"] == 2
+    assert sorted(p.name for p in (root / "reports/plots/ppo").iterdir()) == ["seed-0.json", "seed-1.json"]
+    evaluation = got["evaluate.json"]
+    assert evaluation["judge"] == ["oracle"] and all(set(m["seeds"]) == {"0", "1"} for m in evaluation["models"].values())
+    assert evaluation["target"]["seeds"] == 2
+    main = (root / "reports/tables/main.md").read_text()
+    assert main.count("| ours, 2 seeds |") == 3 and main.count("published (paper)") == 4 and " ± " in main
+    assert f"{evaluation['target']['gain']:+.4f}" in (root / "reports/tables/oracle_facts.md").read_text()
+    for table in ("zeroshot_qa", "feedback", "samples"):
+        assert (root / f"reports/tables/{table}.md").read_text().startswith("| ")
+    for figure in ("prepare_frame_strips", "base_pretraining", "sft_loss", "preferences_quality", "reward_model", "ppo_curves",
+                   "analysis_scores", "analysis_samples"):
+        assert (root / f"reports/figures/{figure}.png").stat().st_size > 0, figure
+
+
+def test_a_killed_pipeline_resumes_reruns_only_what_is_unfinished_and_ends_as_an_uninterrupted_one(tmp_path):
+    whole = pipeline_project(tmp_path / "whole")
+    done = repro(whole)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert all(f"Running stage '{s}'" in done.stdout for s in STAGES)
+    stage_reports(whole)
+
+    killed = pipeline_project(tmp_path / "killed")
+    repro(killed, kill_at=killed / "artifacts/checkpoints/ppo/seed-1/step-1/state.json")
+    assert (killed / "artifacts/reward_model").is_dir() and not (killed / "artifacts/evaluate").exists()
+    again = repro(killed)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    ran = {s for s in STAGES if f"Running stage '{s}'" in again.stdout}
+    assert ran == {"ppo", "evaluate", "analysis"}, again.stdout[-3000:]  # the finished stages are not redone
+    assert "resuming from" in (killed / "reports/notebooks/06_ppo.ipynb").read_text()  # seed 1 went on from its checkpoint
+
+    assert metrics(killed) == metrics(whole)  # two runs, one of them killed: the same numbers
+    assert outputs(killed) == outputs(whole)
+    assert "Data and pipelines are up to date" in repro(killed).stdout
