@@ -128,23 +128,40 @@ def tiny_vlm(tmp_path_factory):
     return load_model_and_processor(path)
 
 
-def kill_when(command: list[str], cwd: Path, target: Path, log: Path) -> None:
-    """Run `command` in `cwd`, SIGKILL it as soon as `target` exists (a checkpoint it wrote),
-    and check it was still running then: the rerun after it has real work to resume."""
+def stage_env(**extra: str) -> dict:
+    """The environment a stage runs in under test: offline, quiet tokenizers."""
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def kill_when(command: list[str], cwd: Path, target: Path, log: Path, env: dict | None = None, timeout: float = 300) -> None:
+    """Run `command` in `cwd`, SIGKILL it and every process it started as soon as `target`
+    exists (a checkpoint it wrote), and check it was still running then: the rerun after it has
+    real work to resume."""
     import os
     import signal
     import subprocess
     import time
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as err:
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.time() + 300
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=env or stage_env(OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + timeout
         while not target.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
-        assert proc.poll() is None, f"{command[2]} ended before {target} appeared:\n{log.read_text()[-3000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.poll() is None, f"{' '.join(command)} ended before {target} appeared:\n{log.read_text()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def rerun(command: list[str], cwd: Path):
+    """`command` run to the end in `cwd` after a kill, its output captured."""
+    import subprocess
+
+    done = subprocess.run(command, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def resumed_step(stderr: str) -> int | None:

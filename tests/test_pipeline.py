@@ -4,15 +4,13 @@ which reruns only the unfinished stages; and it ends with the metrics of an unin
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from conftest import PARAMS, PPO, PREFERENCES, RM, ROOT, make_project
+from conftest import PARAMS, PPO, PREFERENCES, RM, ROOT, kill_when, make_project, stage_env
 
 TINY = PARAMS | {
     "sft": PARAMS["sft"] | {"epochs": 1.0},
@@ -42,26 +40,11 @@ def pipeline_project(root: Path) -> Path:
 
 
 def _env() -> dict:
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return stage_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
 
 
-def repro(root: Path, kill_at: Path | None = None) -> subprocess.CompletedProcess | None:
-    """`dvc repro` in `root`; with `kill_at`, SIGKILL the whole run (dvc, papermill, the kernel)
-    as soon as that file exists."""
-    command = [sys.executable, "-m", "dvc", "repro"]
-    if kill_at is None:
-        return subprocess.run(command, cwd=root, env=_env(), capture_output=True, text=True, timeout=900)
-    with open(root / "killed.log", "w") as log:
-        proc = subprocess.Popen(command, cwd=root, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 900
-        while not kill_at.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, f"dvc repro ended before {kill_at} appeared:\n{(root / 'killed.log').read_text()[-3000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return None
+def repro(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=_env(), capture_output=True, text=True, timeout=900)
 
 
 def metrics(root: Path) -> dict:
@@ -106,7 +89,8 @@ def test_a_killed_pipeline_resumes_reruns_only_what_is_unfinished_and_ends_as_an
     stage_reports(whole)
 
     killed = pipeline_project(tmp_path / "killed")
-    repro(killed, kill_at=killed / "artifacts/checkpoints/ppo/seed-1/step-1/state.json")
+    kill_when([sys.executable, "-m", "dvc", "repro"], killed, killed / "artifacts/checkpoints/ppo/seed-1/step-1/state.json",
+              killed / "killed.log", env=_env(), timeout=900)
     assert (killed / "artifacts/reward_model").is_dir() and not (killed / "artifacts/evaluate").exists()
     again = repro(killed)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -1,9 +1,7 @@
 """The PPO stage on the tiny project: the models on one base, rollouts, training, resume."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from vlm_rlaif.config import ConfigError, load_params
 from vlm_rlaif.data import read_rl_prompts, read_sft
 from vlm_rlaif.modeling import load_model_and_processor
 
-from conftest import PPO, RM, kill_when, resumed_step
+from conftest import PPO, RM, kill_when, rerun, resumed_step
 
 def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
     root, params = trained
@@ -171,10 +169,7 @@ def test_a_sigkilled_run_resumes_and_ends_as_an_uninterrupted_one(trained, monke
     target = project / "artifacts/checkpoints/ppo/seed-0/step-1/state.json"
     kill_when(command, project, target, tmp_path / "err.txt")
     assert target.exists() and not (project / "artifacts/ppo/seed-0").exists(), "PPO ended before the point to kill at"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert resumed_step(done.stderr) >= 1
+    assert resumed_step(rerun(command, project).stderr) >= 1
 
     monkeypatch.chdir(project)
     [whole] = ppo.train_seeds(load_params("params.yaml"), out=tmp_path / "whole", checkpoints=tmp_path / "ckpt", progress=False)
