@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
-from vlm_rlaif import policy, ppo, reward_model as rm, rollout
+from vlm_rlaif import io, policy, ppo, reward_model as rm, rollout
 from vlm_rlaif.config import ConfigError, load_params
 from vlm_rlaif.data import read_rl_prompts, read_sft
 from vlm_rlaif.modeling import load_model_and_processor
@@ -65,7 +65,7 @@ def test_ppo_trains_logs_and_saves_a_policy_that_peft_loads(trained, monkeypatch
     trained_lora = load_file(out / "policy" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained_lora.items())  # the policy moved off the identity
     assert loaded.peft_config["default"].r == 4
-    checkpoint = ppo.last_checkpoint(tmp_path / "ckpt")
+    checkpoint = io.last_checkpoint(tmp_path / "ckpt", "step", "state.json")
     assert not (checkpoint / "reward").exists() and (checkpoint / "value" / "adapter_model.safetensors").is_file()
 
 
@@ -159,12 +159,13 @@ def test_a_sigkilled_run_resumes_and_ends_as_an_uninterrupted_one(trained, monke
     for part in ("data", "artifacts/prepare"):
         (project / part).parent.mkdir(parents=True, exist_ok=True)
         (project / part).symlink_to(root / part, target_is_directory=True)
+    shutil.copy(root / "dvc.yaml", project)  # marks the repo root the stage runs from
     shutil.copytree("artifacts/base", project / "artifacts/sft")
     shutil.copytree("ppo_rm", project / "artifacts/reward_model")
     (project / "artifacts/reward_model" / rm.CONFIG_FILE).write_text(json.dumps({"base": "artifacts/sft", "hidden_size": 32}))
     settings = yaml.safe_load(Path("params.yaml").read_text()) | {"ppo": PPO | {"rollout_batch_size": 1, "ppo_epochs": 1}}
     (project / "params.yaml").write_text(yaml.safe_dump(settings))
-    command = [sys.executable, "-m", "vlm_rlaif.ppo", "--params", "params.yaml"]
+    command = [sys.executable, "-m", "vlm_rlaif", "ppo", "--params", "params.yaml"]
 
     target = project / "artifacts/checkpoints/ppo/seed-0/step-1/state.json"
     kill_when(command, project, target, tmp_path / "err.txt")

@@ -253,11 +253,12 @@ def test_a_sigkilled_training_resumes_and_ends_as_an_uninterrupted_one(staged, m
     project = tmp_path / "project"
     (project / "artifacts").mkdir(parents=True)
     (project / "data").symlink_to(root / "data", target_is_directory=True)
+    shutil.copy(root / "dvc.yaml", project)  # marks the repo root the stage runs from
     shutil.copytree("artifacts/base", project / "artifacts/sft")
     shutil.copytree(prefs, project / "artifacts/preferences")
     settings = yaml.safe_load(Path("params.yaml").read_text()) | {"reward_model": STAGE | {"epochs": 20.0, "save_steps": 5}}
     (project / "params.yaml").write_text(yaml.safe_dump(settings))
-    command = [sys.executable, "-m", "vlm_rlaif.reward_model", "--params", "params.yaml"]
+    command = [sys.executable, "-m", "vlm_rlaif", "reward_model", "--params", "params.yaml"]
 
     target = project / "artifacts/checkpoints/reward_model/checkpoint-10/trainer_state.json"
     kill_when(command, project, target, tmp_path / "err.txt")

@@ -122,7 +122,7 @@ def _params_file(root: Path, **sft_overrides) -> Path:
 
 def _run_sft(root: Path, *, kill_after_checkpoint: str | None = None, processes: int = 1) -> subprocess.CompletedProcess | None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    module = ["-m", "vlm_rlaif.sft", "--params", "params.yaml"]
+    module = ["-m", "vlm_rlaif", "sft", "--params", "params.yaml"]
     launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
     if kill_after_checkpoint is None:
         return subprocess.run(launcher + module, cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -59,7 +59,7 @@ def test_missing_video_names_file_and_record_or_is_skipped(project):
 
     _edit_json(project / "data" / "RL_data.json", break_two)
     prepared = prepare.run(load_params("params.yaml"))
-    skipped = json.loads((prepare.OUT / "skipped.json").read_text())
+    skipped = json.loads(prepare.SKIPPED.read_text())
     assert len(skipped) == 3 and prepared.counts["sft_hard"] == 5 and prepared.counts["rl_prompts"] == 2
     assert any("RL_data.json, record 1" in s and '"uid"' in s for s in skipped)
     assert any("RL_data.json, record 2: video not found" in s and "gone.png" in s for s in skipped)

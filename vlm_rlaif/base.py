@@ -95,7 +95,7 @@ def build_tiny(params: Params, prepared: Path) -> tuple[object, object, dict]:
     return model, processor, {"losses": result.losses, "probe": result.probe, "projector": centring}
 
 
-def materialise(params: Params, prepared: Path, out: Path = OUT) -> Path:
+def materialise(params: Params, prepared: Path = Path("artifacts/prepare"), out: Path = OUT) -> Path:
     """Build or fetch the base model into `out` (save_pretrained layout, safetensors)."""
     cfg = params.base
     report = None

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
 from vlm_rlaif.data import ConsistencyQA, GenericQA, ZeroShotQA, read_consistency_qa, read_generic_qa, read_zeroshot_qa
+from vlm_rlaif.errors import InputError
 from vlm_rlaif.evaluation import TEMPORAL_KINDS, answer_questions
 from vlm_rlaif.llm_client import ChatClient
 from vlm_rlaif.synthetic.oracle import as_scene, score_answer, score_description
@@ -42,7 +43,7 @@ MAX_SCORE = 5.0
 ZEROSHOT = "zeroshot/"  # answer-set key prefix: zeroshot/<benchmark name>
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     """Benchmark files, answers or judge replies that do not fit; the message names which."""
 
 

@@ -16,8 +16,10 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from vlm_rlaif.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A params file or section that does not validate; the message names the key."""
 
 
@@ -96,6 +98,7 @@ class DataConfig:
     num_frames: int = field(default=8, metadata=positive())
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     on_bad_record: Literal["stop", "skip"] = "stop"
+    check_media: Literal["decode", "exists"] = "decode"
 
 
 @dataclass
@@ -429,7 +432,9 @@ def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for name, value in (overrides or {}).items():

@@ -25,6 +25,7 @@ from typing import Any, Callable, ClassVar, Generic, Iterable, Literal, NamedTup
 
 import numpy as np
 
+from vlm_rlaif.errors import InputError
 from vlm_rlaif.io import read_json, write_json, write_jsonl
 from vlm_rlaif.video import resolve_video, safe_join
 
@@ -32,7 +33,7 @@ PLACEHOLDER = "<image>"
 SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A malformed annotation file or record; the message names file, record and field."""
 
 
@@ -163,6 +164,10 @@ class Dialogue:
     def _dialogue_fields(cls, d: dict, where: str) -> dict[str, Any]:
         turns = _field(d, "conversations", where, lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list of turns")
         conversations = [Turn.from_dict(t, where, f"conversations[{i}]") for i, t in enumerate(turns)]
+        marks = [i for i, t in enumerate(conversations) for _ in range(t.value.count(PLACEHOLDER))]
+        if marks != [0] and conversations[0].speaker == "human":  # a wrong first speaker is named by the turn check
+            raise RecordError(f'{where}: the video placeholder {PLACEHOLDER} must appear once, in "conversations[0]"; '
+                              f"found {len(marks)}" + (f" (in turns {sorted(set(marks))})" if marks else ""))
         if ("images" in d) == ("video" in d):
             raise RecordError(f'{where}: needs exactly one of "images" (frame paths) and "video" (a file or frame folder)')
         images = video = None

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from vlm_rlaif import io
 from vlm_rlaif.data import PLACEHOLDER, GenericQA, ZeroShotQA, read_generic_qa, read_zeroshot_qa
+from vlm_rlaif.errors import InputError
 from vlm_rlaif.generation import generate
 from vlm_rlaif.modeling import ConversationError
 from vlm_rlaif.synthetic.oracle import OracleScore, as_scene, score_answer, score_description
@@ -30,7 +31,7 @@ TEMPORAL_KINDS = ("event", "order")
 PROMPT_KINDS = ("describe", "generic", "temporal", "short")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """Questions, answers and scenes that do not fit together; the message names the question."""
 
 

@@ -153,6 +153,14 @@ def claim(folder: str | os.PathLike, stamp: str) -> Path:
     return folder
 
 
+def last_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint", marker: str = "trainer_state.json") -> Path | None:
+    """The highest-numbered `<prefix>-N` folder under `folder` that holds `marker`, the file its
+    writer saves last (Trainer's trainer_state.json by default). A checkpoint that a kill cut
+    short lacks it and is passed over, where transformers' `get_last_checkpoint` would pick it."""
+    done = [p for p in Path(folder).glob(f"{prefix}-*") if p.name.split("-")[-1].isdigit() and (p / marker).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def report_resume(checkpoint: str | os.PathLike | None) -> None:
     """Say on stderr which checkpoint a stage resumes from. Kept out of the stage's outputs,
     so a resumed run writes the same files (and DVC hashes) as an uninterrupted one."""

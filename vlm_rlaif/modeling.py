@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -25,6 +26,7 @@ from transformers import (
 )
 
 from vlm_rlaif.config import LoraConfig
+from vlm_rlaif.errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RELEASE_PLACEHOLDER = "<image>"  # the VLM-RLAIF / LLaVA release marks the visual input this way
@@ -32,11 +34,11 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A model or processor that cannot be loaded; the message names the path or hub id."""
 
 
-class ConversationError(ValueError):
+class ConversationError(InputError):
     """A conversation or video that cannot become model inputs; the message names its index."""
 
 
@@ -107,8 +109,12 @@ def load_model_and_processor(
         model = AutoModelForImageTextToText.from_pretrained(
             source, config=config, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(f"{name_or_path}: cannot load a {config.model_type} image-text-to-text model: {e}") from None
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(processor.tokenizer) > embedded:
+        raise ModelLoadError(f"{name_or_path}: the tokenizer has {len(processor.tokenizer)} tokens but the model embeds {embedded}; "
+                             "ids past the table would fail deep inside torch (a tokenizer from another model?)")
     return model, processor
 
 

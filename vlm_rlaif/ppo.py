@@ -15,7 +15,6 @@ of `ppo.seeds` (`train_seeds`), so the evaluation can set RLAIF's gain against i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import shutil
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler
 
 from vlm_rlaif import io, policy, ppo_math, rollout
-from vlm_rlaif.config import ConfigError, Params, load_params
+from vlm_rlaif.config import ConfigError, Params
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.data import RLPrompt, SFTRecord, read_rl_prompts, read_sft
 from vlm_rlaif.modeling import save_processor
@@ -93,11 +92,6 @@ def load_checkpoint(folder: Path, models: Models, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return io.read_json(folder / "state.json")
-
-
-def last_checkpoint(checkpoints: Path) -> Path | None:
-    done = [p for p in checkpoints.glob("step-*") if (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def fingerprint(params: Params, prompts_file: Path, sft: Path, reward: Path) -> str:
@@ -166,7 +160,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         raise ConfigError(f"ppo.policy_init: {init_file} does not exist; name the policy-init data in data.policy_init_file")
     io.claim(checkpoints, fingerprint(params, prompts_file, sft, reward))
     start, log, kl_coef = 0, [], cfg.kl_coef
-    resume = last_checkpoint(checkpoints)
+    resume = io.last_checkpoint(checkpoints, "step", "state.json")
     if resume is not None:  # the checkpoint holds the initialised policy too
         io.report_resume(resume)
         state = load_checkpoint(resume, models, optimizer, scheduler)
@@ -216,14 +210,3 @@ def train_seeds(params: Params, out: Path = OUT, checkpoints: Path = CHECKPOINTS
     return [train(dataclasses.replace(params, seed=s), out=seed_folder(out, s), checkpoints=seed_folder(checkpoints, s), progress=progress, **inputs)
             for s in params.ppo.seeds]
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.ppo", description="PPO of the policy against the reward model.")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    train_seeds(load_params(args.params))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
 """The `prepare` stage: validate the raw data once and lay out every later stage's inputs.
 
 Reads data/ (the release layout, PAPER.md), checks every record and that its video is
-there, splits the SFT conversations into the curriculum's easy and hard halves by answer
+there and decodes (`data.check_media`), splits the SFT conversations into the curriculum's easy and hard halves by answer
 length, and writes the validated sets under artifacts/prepare/. Later stages read only
-those files, so a malformed record stops the pipeline here, named, before any training.
+those files, so a malformed record stops the pipeline here, named, before any training;
+with `data.on_bad_record: skip` it is left out instead and listed in reports/skipped_records.json.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 from vlm_rlaif import data as records
 from vlm_rlaif import io
 from vlm_rlaif.config import ConfigError, Params
-from vlm_rlaif.video import resolve_video
+from vlm_rlaif.video import VideoError, check_readable, resolve_video
 
 OUT = Path("artifacts/prepare")
+SKIPPED = Path("reports/skipped_records.json")  # with data.on_bad_record: skip, what was left out and why
 
 
 @dataclass
@@ -72,7 +74,21 @@ class _Reader:
         self.video_root = Path(params.data.video_root)
         self.eval_video_root = Path(params.data.eval_video_root)
         self.policy = params.data.on_bad_record
+        self.decode = params.data.check_media == "decode"
+        self.num_frames = params.data.num_frames
         self.skipped: list[str] = []
+        self._unreadable: dict[str, str | None] = {}
+
+    def _unreadable_media(self, source) -> str | None:
+        """What is wrong with decoding `source` (None when it reads), once per distinct video."""
+        key = str(source)
+        if key not in self._unreadable:
+            try:
+                check_readable(source, self.num_frames)
+                self._unreadable[key] = None
+            except VideoError as e:
+                self._unreadable[key] = str(e)
+        return self._unreadable[key]
 
     def _bad(self, message: str) -> None:
         if self.policy == "stop":
@@ -99,10 +115,13 @@ class _Reader:
         """Records whose frames (or video) all exist under the video root."""
 
         def missing_media(record) -> str | None:
-            media = record.media(self.video_root)
+            try:
+                media = record.media(self.video_root)
+            except VideoError as e:  # a path that leaves the video root
+                return str(e)
             missing = [p for p in (media if isinstance(media, list) else [media]) if not p.exists()]
             if not missing:
-                return None
+                return self._unreadable_media(media) if self.decode else None
             more = f" (and {len(missing) - 1} more frames)" if len(missing) > 1 else ""
             return f"video not found: {missing[0]}{more}"
 
@@ -113,59 +132,64 @@ class _Reader:
 
         def unresolved(question) -> str | None:
             try:
-                resolve_video(self.eval_video_root, question.video_name)
-            except ValueError as e:
+                path = resolve_video(self.eval_video_root, question.video_name)
+            except VideoError as e:
                 return str(e)
-            return None
+            return self._unreadable_media(path) if self.decode else None
 
         return self._read(name, read, unresolved)
 
 
-def run(params: Params, out: Path = OUT) -> Prepared:
-    """Validate data/ and write the stage inputs under `out` (see module docstring)."""
+def run(params: Params, out: Path = OUT, skipped: Path = SKIPPED) -> Prepared:
+    """Validate data/ and write the stage inputs under `out` (see module docstring). Nothing is
+    written until every file has been read: bad input leaves the last good `out` as it was."""
     check_world(params)
     cfg = params.data
     reader = _Reader(params)
-    counts: dict[str, int] = {}
+    sets: dict[str, list] = {}
 
-    def write(name: str, rows: list) -> None:
-        records.write_records(out / name, rows)
-        counts[name.removesuffix(".json")] = len(rows)
+    def add(name: str, source: str, rows: list) -> None:
+        if not rows:
+            path = Path(cfg.root) / source
+            left_out = [m for m in reader.skipped if m.startswith(str(path))]
+            why = f" (all {len(left_out)} skipped; the first: {left_out[0]})" if left_out else ""
+            raise records.RecordError(f"{path}: no usable records{why}")
+        sets[name] = rows
 
     sft = [r for name in cfg.sft_files for r in reader.dialogues(name, records.read_sft)]
     if not sft:
         raise records.RecordError(f"{', '.join(cfg.sft_files)}: no SFT records to train on")
     easy, hard, threshold = records.curriculum_split(sft, cfg.curriculum.threshold_words, cfg.curriculum.quantile)
-    write("sft_easy.json", easy)
-    write("sft_hard.json", hard)
-    optional_sft = {"sft_captions.json": cfg.caption_file, "sft_judge.json": cfg.judge_file, "policy_init.json": cfg.policy_init_file}
-    for name, source in optional_sft.items():
+    sets["sft_easy.json"], sets["sft_hard.json"] = easy, hard
+    dialogue_files = {"sft_captions.json": (cfg.caption_file, records.read_sft), "sft_judge.json": (cfg.judge_file, records.read_sft),
+                      "policy_init.json": (cfg.policy_init_file, records.read_sft), "rl_prompts.json": (cfg.rl_file, records.read_rl_prompts),
+                      "preferences.json": (cfg.preference_file, records.read_preferences)}
+    for name, (source, read) in dialogue_files.items():
         if source:
-            write(name, reader.dialogues(source, records.read_sft))
-    write("rl_prompts.json", reader.dialogues(cfg.rl_file, records.read_rl_prompts))
-    if cfg.preference_file:
-        write("preferences.json", reader.dialogues(cfg.preference_file, records.read_preferences))
+            add(name, source, reader.dialogues(source, read))
 
-    for benchmark, source in cfg.zeroshot_qa_files.items():
-        write(f"eval/zeroshot_{benchmark}.json", reader.questions(source, records.read_zeroshot_qa))
-    benchmark_files = {
+    question_files = {f"eval/zeroshot_{benchmark}.json": (source, records.read_zeroshot_qa) for benchmark, source in cfg.zeroshot_qa_files.items()}
+    question_files |= {
         "eval/generic_qa.json": (cfg.generic_qa_file, records.read_generic_qa),
         "eval/temporal_qa.json": (cfg.temporal_qa_file, records.read_generic_qa),
         "eval/consistency_qa.json": (cfg.consistency_qa_file, records.read_consistency_qa),
     }
-    for name, (source, read) in benchmark_files.items():
+    for name, (source, read) in question_files.items():
         if source:
-            write(name, reader.questions(source, read))
+            add(name, source, reader.questions(source, read))
 
-    if cfg.scenes_file:
-        io.write_json(out / "scenes.json", io.read_json(Path(cfg.root) / cfg.scenes_file), indent=None)
-    io.write_json(out / "skipped.json", reader.skipped)
     prepared = Prepared(
-        counts=counts,
+        counts={name.removesuffix(".json"): len(rows) for name, rows in sets.items()},
         threshold_words=threshold,
         easy_lengths=[records.answer_words(r) for r in easy],
         hard_lengths=[records.answer_words(r) for r in hard],
         skipped=reader.skipped,
     )
-    io.write_json(out / "manifest.json", {"video_root": cfg.video_root, "eval_video_root": cfg.eval_video_root, **prepared.metrics()})
+    with io.atomic_dir(out) as tmp:
+        for name, rows in sets.items():
+            records.write_records(tmp / name, rows)
+        if cfg.scenes_file:
+            io.write_json(tmp / "scenes.json", io.read_json(Path(cfg.root) / cfg.scenes_file), indent=None)
+        io.write_json(tmp / "manifest.json", {"video_root": cfg.video_root, "eval_video_root": cfg.eval_video_root, **prepared.metrics()})
+    io.write_json(skipped, reader.skipped)
     return prepared

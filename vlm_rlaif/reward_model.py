@@ -12,7 +12,6 @@ and the head, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -28,10 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlm_rlaif import data, io, modeling, prompts as prompt_files, stage, video
-from vlm_rlaif.config import Params, RewardModelConfig, load_params
+from vlm_rlaif.config import Params, RewardModelConfig
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
@@ -295,7 +293,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
     if state.is_main_process:
         io.claim(checkpoints, fingerprint(params, pairs_file, base))
     state.wait_for_everyone()
-    resume = get_last_checkpoint(str(checkpoints))
+    resume = io.last_checkpoint(checkpoints)
 
     model, processor = load_model_and_processor(base, dtype=params.base.dtype)
     set_seed(params.seed)  # the adapter's and the head's initial weights are drawn: the same in every run
@@ -403,7 +401,7 @@ def run(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("ar
     """The stage: train (resuming from the last checkpoint of the same run), in
     `reward_model.num_processes` processes if asked, then the rewards of every judged pair
     (`out/rewards.json`), the input of `reward_quality`."""
-    stage.launch(params, lambda p: train(p, preferences, policy, out), "vlm_rlaif.reward_model", params.reward_model.num_processes)
+    stage.launch(params, lambda p: train(p, preferences, policy, out), "reward_model", params.reward_model.num_processes)
     judged = [r for r in io.read_json(preferences / "judged.json") if r["judge"] is not None]
     reward_model, processor = load_reward_model(out, dtype=params.base.dtype)
     rewards = reward_pairs(
@@ -413,14 +411,3 @@ def run(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("ar
     io.write_json(out / "rewards.json", {"uids": [r["uid"] for r in judged], "rewards": rewards.round(6).tolist()})
     return rewards
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.reward_model", description="Train the video reward model.")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    train(load_params(args.params))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,12 +17,11 @@ a language model from scratch needs that many answers before it reads the video 
 Training is transformers' `Trainer` with this package's video collator (trl's SFTTrainer
 expects its own image-message format and collator, not video conversations in the release
 layout). Run it in-process, or multi-process with `python -m torch.distributed.run
---nproc_per_node N -m vlm_rlaif.sft --params FILE` (`launch` does this for you).
+--nproc_per_node N -m vlm_rlaif sft --params FILE` (`launch` does this for you).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -34,11 +33,10 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlm_rlaif import collate, data, io, modeling, stage, video
 from vlm_rlaif.collate import VideoConversationCollator
-from vlm_rlaif.config import Params, SFTConfig, load_params
+from vlm_rlaif.config import Params, SFTConfig
 from vlm_rlaif.data import SFTRecord, read_sft
 from vlm_rlaif.modeling import load_model_and_processor, save_processor
 
@@ -214,7 +212,9 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     cfg = params.sft
     names = ["sft_easy.json", "sft_hard.json", "sft_captions.json", "sft_judge.json"]
     files = [prepared / n for n in names]
-    sets = [read_sft(p).records if p.is_file() else [] for p in files]
+    if not all(p.is_file() for p in files[:2]):
+        raise FileNotFoundError(f"{prepared}: no {' or '.join(names[:2])}; run the prepare stage first (dvc repro prepare)")
+    sets = [read_sft(p).records if p.is_file() else [] for p in files]  # captions and judge sets are optional
     curriculum = build_curriculum(*sets, cfg, params.seed)
 
     state = PartialState()
@@ -244,7 +244,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     if state.is_main_process:
         io.claim(checkpoints, fingerprint(params, files, base))
     state.wait_for_everyone()
-    resume = get_last_checkpoint(str(checkpoints))
+    resume = io.last_checkpoint(checkpoints)
 
     model, processor = load_model_and_processor(base, dtype=params.base.dtype)
     if cfg.lora is not None:
@@ -275,7 +275,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
 
 def launch(params: Params) -> Path:
     """Train in this process, or in `sft.num_processes` processes through torch.distributed.run."""
-    stage.launch(params, train, "vlm_rlaif.sft", params.sft.num_processes)
+    stage.launch(params, train, "sft", params.sft.num_processes)
     return OUT
 
 
@@ -289,14 +289,3 @@ def stage_losses(out: Path = OUT) -> dict[str, float]:
     return {name: round(float(np.mean([e["loss"] for e in logs[-max(1, len(logs) // 5):]])), 4)
             for name, logs in stages.items() if logs}
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.sft", description="Curriculum SFT of a video LMM.")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    train(load_params(args.params))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,6 +22,7 @@ import numpy as np
 
 from vlm_rlaif import io
 from vlm_rlaif.config import Params, load_params
+from vlm_rlaif.errors import InputError
 
 METRICS_DIR = Path("reports/metrics")
 FIGURES_DIR = Path("reports/figures")
@@ -34,7 +35,7 @@ def repo_root(start: Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").is_file():
             return folder
-    raise FileNotFoundError(f"no dvc.yaml in {here} or above: run the notebook inside the vlm-rlaif repo")
+    raise InputError(f"no dvc.yaml in {here} or above: run inside the vlm-rlaif repo")
 
 
 def seed_everything(seed: int) -> None:
@@ -53,16 +54,16 @@ def setup(params_file: str = "params.yaml", **sections: Any) -> Params:
     return params
 
 
-def launch(params: Params, train: Callable[[Params], Any], module: str, num_processes: int) -> None:
+def launch(params: Params, train: Callable[[Params], Any], stage: str, num_processes: int) -> None:
     """Run a stage's training in this process, or in `num_processes` processes through
-    torch.distributed.run (`python -m <module> --params FILE` in each)."""
+    torch.distributed.run (`python -m vlm_rlaif <stage> --params FILE` in each)."""
     if num_processes == 1:
         train(params)
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
         io.write_text(path, yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}", "-m", module, "--params", str(path)]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}", "-m", "vlm_rlaif", stage, "--params", str(path)]
         subprocess.run(command, check=True)
 
 

@@ -22,6 +22,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from vlm_rlaif.errors import InputError
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -29,7 +31,7 @@ Backend = Literal["auto", "decord", "pyav"]
 VideoSource = str | os.PathLike | Sequence[str | os.PathLike]
 
 
-class VideoError(ValueError):
+class VideoError(InputError):
     """A video or frame source that cannot be read; the message names the file."""
 
 
@@ -138,6 +140,15 @@ def load_video(source: VideoSource, num_frames: int, backend: Backend = "auto") 
         if not frames:
             raise VideoError("empty list of frame paths")
     return _read_images([frames[i] for i in sample_indices(len(frames), num_frames)])
+
+
+def check_readable(source: VideoSource, num_frames: int) -> None:
+    """Decode what a stage may read of `source`, so a bad video stops `prepare` rather than a
+    training run hours later: every frame of a frame folder or list (clip captions read
+    frames the uniform sample skips), the `num_frames` sampled frames of a video file."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        source = list_frames(source)
+    load_video(source, len(source) if isinstance(source, (list, tuple)) else num_frames)
 
 
 def load_clips(source: VideoSource, num_clips: int, max_clip_frames: int, num_frames: int, backend: Backend = "auto") -> list[np.ndarray]:
