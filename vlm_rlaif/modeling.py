@@ -121,8 +121,9 @@ def load_model_and_processor(
 def save_processor(source: str | Path, folder: str | Path) -> None:
     """Save the processor of model `source` into `folder` as loaded, not as a stage used it:
     padding a batch leaves its settings on the tokenizer, so a processor saved after training
-    would differ from the one a run resumed past training saves."""
-    AutoProcessor.from_pretrained(_resolve(source)).save_pretrained(folder)
+    would differ from the one a run resumed past training saves. Custom processor code is
+    refused, as in every stage after `base`: transformers would otherwise ask on stdin."""
+    AutoProcessor.from_pretrained(_resolve(source), trust_remote_code=False).save_pretrained(folder)
 
 
 # --------------------------------------------------------------------------- inputs
