@@ -2,12 +2,10 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from accelerate import Accelerator
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -18,7 +16,7 @@ from vlm_rlaif.config import ConfigError, load_params
 from vlm_rlaif.data import read_rl_prompts, read_sft
 from vlm_rlaif.modeling import load_model_and_processor
 
-from conftest import PPO, RM, kill_when, rerun, resumed_step
+from conftest import PPO, RM, resumed_step
 
 def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
     root, params = trained
@@ -149,32 +147,3 @@ def test_a_reward_model_on_another_base_is_loaded_beside_the_policy(trained, mon
                             num_frames=params.data.num_frames, batch_size=2)
     standalone, processor = rm.load_reward_model(tmp_path / "rm")
     torch.testing.assert_close(batch.scores, rm.score(standalone, processor, batch.videos, batch.prompts, batch.texts))
-
-
-def test_a_sigkilled_run_resumes_and_ends_as_an_uninterrupted_one(trained, monkeypatch, tmp_path):
-    root, params = trained
-    monkeypatch.chdir(root)
-    project = tmp_path / "project"
-    project.mkdir()
-    for part in ("data", "artifacts/prepare"):
-        (project / part).parent.mkdir(parents=True, exist_ok=True)
-        (project / part).symlink_to(root / part, target_is_directory=True)
-    shutil.copy(root / "dvc.yaml", project)  # marks the repo root the stage runs from
-    shutil.copytree("artifacts/base", project / "artifacts/sft")
-    shutil.copytree("ppo_rm", project / "artifacts/reward_model")
-    (project / "artifacts/reward_model" / rm.CONFIG_FILE).write_text(json.dumps({"base": "artifacts/sft", "hidden_size": 32}))
-    settings = yaml.safe_load(Path("params.yaml").read_text()) | {"ppo": PPO | {"rollout_batch_size": 1, "ppo_epochs": 1}}
-    (project / "params.yaml").write_text(yaml.safe_dump(settings))
-    command = [sys.executable, "-m", "vlm_rlaif", "ppo", "--params", "params.yaml"]
-
-    target = project / "artifacts/checkpoints/ppo/seed-0/step-1/state.json"
-    kill_when(command, project, target, tmp_path / "err.txt")
-    assert target.exists() and not (project / "artifacts/ppo/seed-0").exists(), "PPO ended before the point to kill at"
-    assert resumed_step(rerun(command, project).stderr) >= 1
-
-    monkeypatch.chdir(project)
-    [whole] = ppo.train_seeds(load_params("params.yaml"), out=tmp_path / "whole", checkpoints=tmp_path / "ckpt", progress=False)
-    assert json.loads((whole / ppo.LOG_FILE).read_text()) == json.loads((project / "artifacts/ppo/seed-0" / ppo.LOG_FILE).read_text())
-    a, b = (load_file(p / "policy" / "adapter_model.safetensors") for p in (whole, project / "artifacts/ppo/seed-0"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -64,12 +64,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.exists():  # renamed aside, not deleted in place: a kill now leaves the old folder whole or none
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -119,10 +123,11 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
     return rows
 
 
-def without_timings(log_history: list[dict]) -> list[dict]:
-    """Trainer's log without its wall-clock figures and with its keys in order, so the file
-    saved beside a model is byte-stable across runs, resumed ones included."""
-    return [{k: entry[k] for k in sorted(entry) if not k.endswith(("_runtime", "_per_second"))} for entry in log_history]
+def stable_log(log_history: list[dict]) -> list[dict]:
+    """Trainer's log with its keys in order, without its wall-clock figures and without the
+    summary's train_loss (a mean over the steps of the last session only), so the file saved
+    beside a model is byte-stable across runs, resumed ones included."""
+    return [{k: entry[k] for k in sorted(entry) if not k.endswith(("_runtime", "_per_second")) and k != "train_loss"} for entry in log_history]
 
 
 def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], inputs: Iterable[str | os.PathLike], models: Iterable[str | os.PathLike] = ()) -> str:
@@ -155,10 +160,20 @@ def claim(folder: str | os.PathLike, stamp: str) -> Path:
 
 def last_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint", marker: str = "trainer_state.json") -> Path | None:
     """The highest-numbered `<prefix>-N` folder under `folder` that holds `marker`, the file its
-    writer saves last (Trainer's trainer_state.json by default). A checkpoint that a kill cut
-    short lacks it and is passed over, where transformers' `get_last_checkpoint` would pick it."""
-    done = [p for p in Path(folder).glob(f"{prefix}-*") if p.name.split("-")[-1].isdigit() and (p / marker).is_file()]
+    writer saves last (Trainer's trainer_state.json by default), whole. A checkpoint that a kill
+    cut short is passed over, where transformers' `get_last_checkpoint` would resume from it."""
+    done = [p for p in Path(folder).glob(f"{prefix}-*") if p.name.split("-")[-1].isdigit() and _whole_json(p / marker)]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _whole_json(path: Path) -> bool:
+    """Whether `path` holds a complete JSON document (Trainer writes its state in place, so a
+    kill can leave it empty or cut short)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def report_resume(checkpoint: str | os.PathLike | None) -> None:

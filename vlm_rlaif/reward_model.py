@@ -308,7 +308,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
     if trainer.is_world_process_zero():
         with io.atomic_dir(out) as tmp:
             save_reward_model(reward_model, tmp, base)
-            io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
+            io.write_json(tmp / "log_history.json", io.stable_log(trainer.state.log_history))
             io.write_json(tmp / "split.json", {
                 "train": [r.extra.get("uid") for r in train_set], "heldout": [r.extra.get("uid") for r in heldout],
                 "total_steps": trainer.state.global_step,

@@ -264,7 +264,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         with io.atomic_dir(out) as tmp:
             final.save_pretrained(tmp)
             save_processor(base, tmp)
-            io.write_json(tmp / "log_history.json", io.without_timings(trainer.state.log_history))
+            io.write_json(tmp / "log_history.json", io.stable_log(trainer.state.log_history))
             io.write_json(tmp / "curriculum.json", {
                 "sizes": curriculum.sizes, "examples": len(curriculum.records), "boundary_step": boundary_step,
                 "total_steps": trainer.state.global_step,
