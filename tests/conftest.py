@@ -2,13 +2,18 @@
 model), and a tiny VLM on a few sentences for the tests of model-level code."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from vlm_rlaif import base, prepare
+if not torch.cuda.is_available():  # before transformers imports triton: its kernels then run on CPU tensors (vlm_rlaif.kernels)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vlm_rlaif import base, prepare  # noqa: E402
 from vlm_rlaif.config import TinyModelConfig, load_params
 from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.synthetic.world import generate_world
@@ -153,15 +158,6 @@ def kill_when(command: list[str], cwd: Path, target: Path, log: Path, env: dict 
         assert proc.poll() is None, f"{' '.join(command)} ended before {target} appeared:\n{log.read_text()[-3000:]}"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def rerun(command: list[str], cwd: Path):
-    """`command` run to the end in `cwd` after a kill, its output captured."""
-    import subprocess
-
-    done = subprocess.run(command, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def resumed_step(stderr: str) -> int | None:

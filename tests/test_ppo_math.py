@@ -86,8 +86,7 @@ def test_masked_positions_get_no_gradient():
     assert logp.grad[0, 2] == 0 and logp.grad[0, 0] != 0
 
 
-def test_entropy_and_the_adaptive_kl_coefficient():
-    close(ppo.entropy(torch.zeros(2, 4)), [math.log(4)] * 2)
+def test_the_adaptive_kl_coefficient():
     fixed = ppo.AdaptiveKLController(0.1, target=6.0)
     assert fixed.update(kl=100.0, n_steps=64) == 0.1
     adaptive = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000, adaptive=True)

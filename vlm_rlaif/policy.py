@@ -29,8 +29,8 @@ from transformers import ProcessorMixin
 from vlm_rlaif import io, modeling
 from vlm_rlaif.config import Params
 from vlm_rlaif.generation import encode_video_list, with_features
+from vlm_rlaif.logprobs import token_logprobs
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
-from vlm_rlaif.ppo_math import entropy
 from vlm_rlaif.reward_model import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, RewardModel, load_reward_model, score
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
@@ -100,14 +100,15 @@ class Models:
     def logprobs(self, adapter: str | None, prompts, features, responses, response_mask, videos,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities of each response token under the policy (`adapter` POLICY) or the
-        reference (None), [B, R]; and each position's entropy when asked. Logits are kept for
-        the response positions only."""
-        kwargs, _ = self._sequences(prompts, features, responses, response_mask, videos)
-        length = responses.shape[1]
+        reference (None), [B, R]; and each position's entropy when asked. The hidden states of
+        the response positions go through the head chunk by chunk (`vlm_rlaif.logprobs`), so
+        [B, R, vocabulary] float32 logits never exist."""
+        kwargs, width = self._sequences(prompts, features, responses, response_mask, videos)
+        model = self.model.get_base_model()
         with self.adapter(adapter):
-            logits = self.model(**kwargs, logits_to_keep=length + 1).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, responses.to(logits.device).unsqueeze(-1)).squeeze(-1)
-        return logp, entropy(logits) if with_entropy else None
+            hidden = model.model(**kwargs).last_hidden_state[:, width - 1 : -1]
+        logp, entropy = token_logprobs(hidden, model.get_output_embeddings().weight, responses.to(hidden.device))
+        return logp, entropy if with_entropy else None
 
     def values(self, prompts, features, responses, response_mask, videos) -> torch.Tensor:
         """The value model's estimate at each response token's state, [B, R]."""

@@ -128,12 +128,6 @@ def value_loss(
     return loss, stats
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution, from its logits."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 class AdaptiveKLController:
     """The KL coefficient adjusted towards a target KL (Ziegler et al. 2019): raised when the
     measured KL is above target, lowered when below, by at most 20 % of the step's share of

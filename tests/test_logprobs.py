@@ -1,0 +1,149 @@
+"""Per-token log-probs and entropies from hidden states: the torch path and the Triton kernels
+(on CPU under TRITON_INTERPRET=1, set in conftest) against the model head + float32
+log-softmax, forward and backward, and the chunking that keeps full logits from existing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vlm_rlaif import kernels
+from vlm_rlaif.logprobs import _row_stats_torch, token_logprobs
+
+BACKENDS = ["torch", "triton"]
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model's own head gives: logits in the model's dtype, log-softmax in float32."""
+    logp = torch.log_softmax((hidden @ weight.T).float(), -1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def problem(batch: int, length: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(batch, length, hidden, generator=g) * 2).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, vocab, (batch, length), generator=g)
+    return h, w, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (7, 5), (33, 4099), (3, 8192)])
+def test_row_kernel_matches_torch(rows, vocab, dtype):
+    g = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    for got, want in zip(kernels.row_stats(logits, targets), _row_stats_torch(logits, targets)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 9, 16, 300), (1, 1, 8, 3), (3, 17, 24, 1031)])
+def test_forward_and_backward_match_the_models_head(shape, backend, dtype):
+    h, w, t = problem(*shape, dtype)
+    g = torch.Generator().manual_seed(1)
+    grad_logp, grad_entropy = torch.randn(t.shape, generator=g), torch.randn(t.shape, generator=g)
+    mask = torch.rand(t.shape, generator=g) > 0.3  # response tokens after EOS carry no gradient
+    results = []
+    for compute in (lambda: token_logprobs(h, w, t, chunk_rows=5, backend=backend), lambda: reference(h, w, t)):
+        h.grad = w.grad = None
+        logp, entropy = compute()
+        ((logp * grad_logp + entropy * grad_entropy) * mask).sum().backward()
+        results.append((logp.detach(), entropy.detach(), h.grad.clone(), w.grad.clone()))
+    for name, got, want in zip(("logp", "entropy", "grad hidden", "grad weight"), *results):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype], msg=name)
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_do():
+    h, w, t = problem(2, 6, 8, 50, torch.float32)
+    w.requires_grad_(False)
+    logp, _ = token_logprobs(h, w, t, chunk_rows=4)
+    logp.sum().backward()
+    assert w.grad is None and h.grad is not None and h.grad.abs().sum() > 0
+
+
+def test_padding_rows_do_not_change_the_others():
+    h, w, t = problem(2, 8, 8, 40, torch.float32)
+    whole, _ = token_logprobs(h, w, t, chunk_rows=3)
+    alone, _ = token_logprobs(h[:1, :5], w, t[:1, :5], chunk_rows=3)
+    torch.testing.assert_close(alone, whole[:1, :5])
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation creates inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_full_logits_never_exist_forward_or_backward():
+    rows, vocab, hidden, chunk = 256, 512, 8, 16
+    h, w, t = problem(1, rows, hidden, vocab, torch.float32)
+    w.requires_grad_(False)
+    with LargestTensor() as seen:
+        logp, entropy = token_logprobs(h, w, t, chunk_rows=chunk, backend="torch")
+        (logp.sum() + entropy.sum()).backward()
+    assert seen.largest <= chunk * vocab < rows * vocab
+    with LargestTensor() as seen:
+        reference(h, w, t)
+    assert seen.largest >= rows * vocab  # the check would notice full logits
+
+
+def test_the_triton_path_hands_its_kernels_one_chunk_at_a_time(monkeypatch):
+    """The interpreter's own copies hide the kernels' memory on CPU; what matters is the
+    size of the logits they are given, which is the chunk's."""
+    shapes = []
+    for name in ("row_stats", "logit_grads_"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda logits, *args, kernel=kernel: shapes.append(tuple(logits.shape)) or kernel(logits, *args))
+    h, w, t = problem(1, 40, 8, 64, torch.float32)
+    logp, _ = token_logprobs(h, w, t, chunk_rows=16, backend="triton")
+    logp.sum().backward()
+    assert shapes == [(16, 64), (16, 64), (8, 64)] * 2
+
+
+def test_bad_arguments_are_named():
+    h, w, t = problem(1, 4, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="target ids must lie in"):
+        token_logprobs(h, w, t + 20)
+    with pytest.raises(ValueError, match="want hidden"):
+        token_logprobs(h, w[:, :4], t)
+    with pytest.raises(ValueError, match="unknown backend"):
+        token_logprobs(h, w, t, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_rows"):
+        token_logprobs(h, w, t, chunk_rows=0)
+
+
+def test_a_video_lms_hidden_states_and_head_give_its_own_log_probs(tiny_vlm):
+    """What the PPO policy computes (vlm_rlaif.policy) equals the model's logits path."""
+    from vlm_rlaif.modeling import build_inputs
+
+    model, processor = tiny_vlm
+    video = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    conversation = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "The circle is green."}]
+    inputs = build_inputs(processor, [video], [conversation], add_generation_prompt=False)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        want = reference_from_logits(model(**inputs).logits[:, :-1], ids[:, 1:])
+        hidden = model.model(**inputs).last_hidden_state[:, :-1]
+        got = token_logprobs(hidden, model.get_output_embeddings().weight, ids[:, 1:])
+    for name, a, b in zip(("logp", "entropy"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def reference_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
