@@ -12,7 +12,7 @@ inputs: CUDA's allocator peak on a GPU, the peak of live tensor bytes on CPU. On
 Triton row kernels alone are timed on [tokens, V] logits too, their bandwidth given as a
 share of the GPU's peak.
 
-    python benchmarks/logprobs.py                       # CPU: float32, 1024 tokens, H 1024, V 32064
+    python benchmarks/logprobs.py                       # CPU: float32, 4096 tokens, H 1024, V 32064
     python benchmarks/logprobs.py --vocab 32064 151936  # on a GPU: bf16, 4096 tokens, H 4096
 """
 
@@ -56,25 +56,40 @@ def step(variant: str, h, w, t, chunk_rows: int) -> None:
 
 
 class LiveTensors(TorchDispatchMode):
-    """Peak bytes of the tensors alive at once among those created inside the block: the CPU
-    stand-in for CUDA's allocator peak (resident memory also counts the allocator's caches)."""
+    """Peak bytes of the storages alive at once among those created inside the block (views
+    share their storage's count; the inputs' storages are not counted): the CPU stand-in for
+    CUDA's allocator peak, which resident memory would blur with the allocator's caches."""
 
-    def __init__(self):
+    def __init__(self, *inputs: torch.Tensor):
         super().__init__()
+        self.outside = {t.untyped_storage().data_ptr() for t in inputs}
+        self.sizes: dict[int, int] = {}
+        self.holders: dict[int, int] = {}
         self.live = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t._base is None and not any(t is a for a in args):
-                size = t.untyped_storage().nbytes()
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, size)
+            if isinstance(t, torch.Tensor):
+                self._hold(t)
         return out
 
-    def _free(self, size: int) -> None:
-        self.live -= size
+    def _hold(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage().data_ptr()
+        if key == 0 or key in self.outside:
+            return
+        if key not in self.sizes:
+            self.sizes[key] = t.untyped_storage().nbytes()
+            self.live += self.sizes[key]
+            self.peak = max(self.peak, self.live)
+        self.holders[key] = self.holders.get(key, 0) + 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.holders[key] -= 1
+        if not self.holders[key]:
+            del self.holders[key]
+            self.live -= self.sizes.pop(key)
 
 
 def measure(variant: str, h, w, t, chunk_rows: int, repeats: int) -> dict:
@@ -89,7 +104,7 @@ def measure(variant: str, h, w, t, chunk_rows: int, repeats: int) -> dict:
         sync()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        with LiveTensors() as seen:
+        with LiveTensors(h, w, t) as seen:
             step(variant, h, w, t, chunk_rows)
         peak = seen.peak
     start = time.perf_counter()
@@ -124,11 +139,11 @@ def peak_bandwidth(name: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
-    parser.add_argument("--tokens", type=int, default=4096 if cuda else 1024)
+    parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=4096 if cuda else 1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32064])
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    parser.add_argument("--chunk-rows", type=int, default=1024)
+    parser.add_argument("--chunk-rows", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5 if cuda else 2)
     args = parser.parse_args()
     device = "cuda" if cuda else "cpu"

@@ -2,12 +2,14 @@
 dvc.yaml and notebooks; a run killed in the middle of PPO resumes under a second `dvc repro`,
 which reruns only the unfinished stages; and it ends with the metrics of an uninterrupted run."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import PARAMS, PPO, PREFERENCES, RM, ROOT, kill_when, make_project, stage_env
@@ -101,3 +103,50 @@ def test_a_killed_pipeline_resumes_reruns_only_what_is_unfinished_and_ends_as_an
     assert metrics(killed) == metrics(whole)  # two runs, one of them killed: the same numbers
     assert outputs(killed) == outputs(whole)
     assert "Data and pipelines are up to date" in repro(killed).stdout
+
+
+# Modules that move files, read params or name errors: they change how a stage runs, never what it computes.
+PLUMBING = {"__init__", "config", "errors", "io", "stage"}
+
+
+def package_imports(source: str) -> set[str]:
+    """The vlm_rlaif modules and packages that Python `source` imports, or names as a string
+    (`importlib.resources.files("vlm_rlaif.prompts")` reads package data)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("vlm_rlaif."):
+            found.add(node.value.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlm_rlaif"):
+            parts = node.module.split(".")[1:]
+            if parts:
+                found.add(parts[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vlm_rlaif."))
+    return found
+
+
+def imported_closure(names: set[str]) -> set[str]:
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = ROOT / "vlm_rlaif" / f"{name}.py"
+        if path.is_file():
+            todo.extend(package_imports(path.read_text()))
+    return seen
+
+
+@pytest.mark.parametrize("stage", list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]))
+def test_every_module_a_stage_runs_is_one_of_its_dvc_deps(stage):
+    """A change to code a stage computes with must rerun it: otherwise dvc.lock would vouch
+    for results that the code no longer gives."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    notebook = json.loads((ROOT / spec["cmd"].split()[1]).read_text())
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    used = imported_closure(package_imports(code)) - PLUMBING
+    declared = {Path(d).stem if d.endswith(".py") else Path(d).name for d in spec["deps"] if d.startswith("vlm_rlaif/")}
+    assert used <= declared, f"{stage}: dvc.yaml deps lack {sorted(used - declared)}"

@@ -40,22 +40,24 @@ def triton_available(device: torch.device) -> bool:
 
 
 def _row_stats_torch(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log p of each row's target, entropy, logsumexp) of a chunk of logits, in float32."""
+    """(log p of each row's target, entropy, logsumexp) of a chunk of logits, in float32,
+    with one chunk-sized temporary beyond a float32 view of the logits."""
     z = logits.float()
     lse = torch.logsumexp(z, -1)
-    logp = z - lse[:, None]
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy, lse
+    p = (z - lse[:, None]).exp_()
+    entropy = lse - p.mul_(z).sum(-1)
+    return z.gather(-1, targets[:, None]).squeeze(-1) - lse, entropy, lse
 
 
 def _logit_grads_torch_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
                         grad_logp: torch.Tensor, grad_entropy: torch.Tensor) -> None:
     """Overwrite a chunk of logits with d(loss)/d(logits), given the upstream gradients of
-    each row's target log-probability and entropy."""
-    logp = logits.float() - lse[:, None]
-    p = logp.exp()
-    grad = -p * (grad_logp[:, None] + grad_entropy[:, None] * (logp + entropy[:, None]))
-    grad.scatter_add_(-1, targets[:, None], grad_logp[:, None].float())
+    each row's target log-probability and entropy: -p (g_logp + g_entropy (log p + H)), plus
+    g_logp at the target. Two chunk-sized temporaries."""
+    grad = logits.float() - lse[:, None]  # log p, becoming the gradient in place
+    p = grad.exp()
+    grad.mul_(grad_entropy[:, None]).add_((grad_logp + grad_entropy * entropy)[:, None]).mul_(p).neg_()
+    grad.scatter_add_(-1, targets[:, None], grad_logp[:, None])
     logits.copy_(grad)
 
 

@@ -96,9 +96,9 @@ def load_checkpoint(folder: Path, models: Models, optimizer, scheduler) -> dict:
 
 def fingerprint(params: Params, prompts_file: Path, sft: Path, reward: Path) -> str:
     """What a checkpoint was trained from: a checkpoint of another run is never resumed."""
-    from vlm_rlaif import generation, modeling, reward_model
+    from vlm_rlaif import generation, logprobs, modeling, reward_model
 
-    code = [Path(m.__file__) for m in (sys.modules[__name__], policy, ppo_math, rollout, generation, modeling, reward_model)]
+    code = [Path(m.__file__) for m in (sys.modules[__name__], policy, ppo_math, rollout, generation, logprobs, modeling, reward_model)]
     ppo = {k: v for k, v in dataclasses.asdict(params.ppo).items() if k != "seeds"}  # a run is one seed's
     settings = {"ppo": ppo, "seed": params.seed, "num_frames": params.data.num_frames}
     inputs = [prompts_file, prompts_file.with_name("policy_init.json"), reward / policy.HEAD_FILE]
