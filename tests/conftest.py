@@ -166,3 +166,19 @@ def resumed_step(stderr: str) -> int | None:
 
     found = re.findall(r"resuming from \S*?(\d+)\s*$", stderr, flags=re.MULTILINE)
     return int(found[-1]) if found else None
+
+
+def serving(server):
+    """Serve `server` (an http.server on 127.0.0.1) from a thread for the body of a fixture:
+    `yield from serving(server)`. Its `stop` event, if any, releases handlers that wait."""
+    import threading
+
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    if hasattr(server, "stop"):
+        server.stop.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+

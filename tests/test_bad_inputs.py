@@ -32,13 +32,17 @@ def pristine(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def project(pristine, tmp_path, monkeypatch) -> Path:
-    """A copy of the pristine project as the working directory."""
+def working_copy(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the project `source` as the working directory: each case breaks its own."""
     root = tmp_path / "project"
-    shutil.copytree(pristine, root)
+    shutil.copytree(source, root)
     monkeypatch.chdir(root)
     return root
+
+
+@pytest.fixture
+def project(pristine, tmp_path, monkeypatch) -> Path:
+    return working_copy(pristine, tmp_path, monkeypatch)
 
 
 def run_stage(stage: str, capsys) -> tuple[int, str]:
@@ -250,10 +254,7 @@ def built_base(pristine, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def with_base(built_base, tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "project"
-    shutil.copytree(built_base, root)
-    monkeypatch.chdir(root)
-    return root
+    return working_copy(built_base, tmp_path, monkeypatch)
 
 
 def truncate_weights(root: Path) -> None:

@@ -12,6 +12,8 @@ import pytest
 from vlm_rlaif import llm_client
 from vlm_rlaif.llm_client import ChatClient, Completion, LLMClientError
 
+from conftest import serving
+
 MESSAGES = [{"role": "system", "content": "You are a judge."}, {"role": "user", "content": "Score: 7?"}]
 FAST = {"backoff": 0.01, "timeout": 0.3}
 
@@ -64,13 +66,7 @@ def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.seen, srv.actions, srv.default, srv.stop = [], deque(), ("ok", "fine", "judge-v1"), threading.Event()
     srv.base_url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield srv
-    srv.stop.set()
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    yield from serving(srv)
 
 
 def test_success_returns_server_answer_and_sends_openai_request(server):

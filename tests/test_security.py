@@ -53,7 +53,7 @@ from vlm_rlaif.modeling import ModelLoadError, load_model_and_processor, save_pr
 from vlm_rlaif.tiny import build_tiny_model
 from vlm_rlaif.video import VideoError, resolve_video, safe_join
 
-from conftest import PARAMS, TINY_CORPUS, TINY_VLM, make_project
+from conftest import PARAMS, TINY_CORPUS, TINY_VLM, make_project, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vlm_rlaif"
@@ -462,14 +462,7 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
-    server = EchoServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.stop.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    yield from serving(EchoServer())
 
 
 def leaked(text: str, key: str = KEY, window: int = 8) -> list[str]:
