@@ -38,10 +38,11 @@ PARAMS = {
 
 
 def make_project(root: Path, params: dict = PARAMS) -> None:
-    """params.yaml, dvc.yaml and a generated data/ under `root`."""
+    """params.yaml, dvc.yaml, the engines' configs and a generated data/ under `root`."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(ROOT / "configs", root / "configs", dirs_exist_ok=True)
     generate_world(load_params(root / "params.yaml").world, root / "data")
 
 

@@ -27,7 +27,7 @@ def test_paper_profile_carries_the_official_hyperparameters():
     p = load_params(ROOT / "params" / "paper.yaml")
     assert p.world is None
     assert p.base.model == "llava-hf/LLaVA-NeXT-Video-7B-hf"
-    assert p.data.num_frames == 50
+    assert p.data.num_frames == 16  # 50 in the paper, with its own pooling (params/paper.yaml)
     assert (p.sft.lora.r, p.sft.lora.alpha, p.sft.learning_rate) == (32, 32, 1e-4)
     rm = p.reward_model
     assert (rm.lora.r, rm.lora.alpha, rm.learning_rate, rm.centering_coef, rm.heldout) == (64, 16, 2e-5, 1e-3, 500)

@@ -260,8 +260,9 @@ def test_bad_dtype_is_a_clear_error(tmp_path):
         load_model_and_processor(tmp_path, dtype="float8")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
-def test_4bit_without_bitsandbytes_is_a_clear_error(tmp_path):
+def test_4bit_without_bitsandbytes_is_a_clear_error(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="load_in_4bit needs the bitsandbytes package"):
         load_model_and_processor(tmp_path, load_in_4bit=True)

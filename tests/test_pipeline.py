@@ -42,11 +42,16 @@ def pipeline_project(root: Path) -> Path:
 
 
 def _env() -> dict:
-    return stage_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    """One thread a process: the two pipelines run side by side, and the same float sums in each."""
+    return stage_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
 
 
 def repro(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def start_repro(root: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def metrics(root: Path) -> dict:
@@ -84,16 +89,16 @@ def stage_reports(root: Path) -> None:
 
 
 def test_a_killed_pipeline_resumes_reruns_only_what_is_unfinished_and_ends_as_an_uninterrupted_one(tmp_path):
-    whole = pipeline_project(tmp_path / "whole")
-    done = repro(whole)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert all(f"Running stage '{s}'" in done.stdout for s in STAGES)
-    stage_reports(whole)
-
-    killed = pipeline_project(tmp_path / "killed")
+    whole, killed = pipeline_project(tmp_path / "whole"), pipeline_project(tmp_path / "killed")
+    uninterrupted = start_repro(whole)  # beside the run that is killed
     kill_when([sys.executable, "-m", "dvc", "repro"], killed, killed / "artifacts/checkpoints/ppo/seed-1/step-1/state.json",
               killed / "killed.log", env=_env(), timeout=900)
     assert (killed / "artifacts/reward_model").is_dir() and not (killed / "artifacts/evaluate").exists()
+    stdout, stderr = uninterrupted.communicate(timeout=900)
+    assert uninterrupted.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert all(f"Running stage '{s}'" in stdout for s in STAGES)
+    stage_reports(whole)
+
     again = repro(killed)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     ran = {s for s in STAGES if f"Running stage '{s}'" in again.stdout}

@@ -1,9 +1,6 @@
 """Curriculum SFT: ordering, the loss mask, resume after a kill, LoRA, two processes."""
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from safetensors.torch import load_file
 
 from vlm_rlaif import sft
 from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator
-from vlm_rlaif.config import SFTConfig, load_params
+from vlm_rlaif.config import ConfigError, SFTConfig, load_params
 from vlm_rlaif.data import SFTRecord, Turn, read_sft
 from vlm_rlaif.modeling import add_lora, load_model_and_processor
 
@@ -118,13 +115,6 @@ def _params_file(root: Path, **sft_overrides) -> Path:
     return path
 
 
-def _run_sft(root: Path, processes: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    return subprocess.run(launcher + ["-m", "vlm_rlaif", "sft", "--params", "params.yaml"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_a_checkpoint_of_another_run_is_discarded_not_resumed(built, monkeypatch, capsys, tmp_path):
     """Kills at every point of a run are tests/test_faults.py's; here the run stamp."""
     monkeypatch.chdir(built)
@@ -164,9 +154,29 @@ def test_lora_trains_adapters_and_saves_a_merged_model(built, monkeypatch):
     assert all(torch.equal(merged_weights[n], base_weights[n]) for n in merged_weights if "vision_tower" in n)
 
 
-def test_two_processes_train_one_model(built):
-    _params_file(built, epochs=0.5)
-    done = _run_sft(built, processes=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    info = json.loads((built / "artifacts/sft/curriculum.json").read_text())
+def test_qlora_trains_on_a_4bit_base_and_saves_full_precision_weights(built, monkeypatch):
+    monkeypatch.chdir(built)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    four_bit = {**PARAMS["base"], "load_in_4bit": True}
+    with pytest.raises(ConfigError, match=r"sft\.lora: a 4-bit base"):
+        sft.train(load_params(_params_file(built, epochs=0.3), overrides={"base": four_bit}), out=built / "q_out", checkpoints=built / "q_ckpt")
+    params = load_params(_params_file(built, lora=lora, epochs=0.3, gradient_checkpointing=True), overrides={"base": four_bit})
+    out = sft.train(params, out=built / "q_out", checkpoints=built / "q_ckpt")
+    base_weights = load_file(built / "artifacts/base/model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    assert merged.keys() == base_weights.keys()  # no quantisation state: any stage loads it in base.dtype
+    assert all(merged[n].dtype == base_weights[n].dtype for n in merged)
+    updates = {n: merged[n] - base_weights[n] for n in merged if "language_model" in n and n.endswith("q_proj.weight")}
+    # each a rank-4 update of the full-precision weight: merged into nf4-rounded weights it would be full rank
+    assert updates and all(u.abs().max() > 0 and torch.linalg.matrix_rank(u) <= lora["r"] for u in updates.values())
+
+
+def test_two_processes_train_one_model(built, monkeypatch):
+    """The notebook's path: `launch` starts two CPU processes under the DDP engine's config."""
+    monkeypatch.chdir(built)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    params = load_params(_params_file(built, epochs=0.5, num_processes=2))
+    out = sft.launch(params)
+    info = json.loads((out / "curriculum.json").read_text())
     assert info["total_steps"] == -(-info["examples"] // (PARAMS["sft"]["batch_size"] * 2))
+    load_model_and_processor(out)

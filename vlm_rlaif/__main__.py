@@ -23,7 +23,7 @@ STAGES = {
     "prepare": ("prepare", "run"),
     "base": ("base", "materialise"),
     "sft": ("sft", "train"),
-    "preferences": ("preferences", "run"),
+    "preferences": ("preferences", "judge_prompts"),
     "reward_model": ("reward_model", "train"),
     "ppo": ("ppo", "train_seeds"),
     "evaluate": ("evaluate", "run"),

@@ -149,7 +149,7 @@ class BaseConfig:
     model: str = "tiny"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    load_in_4bit: bool = False
+    load_in_4bit: bool = False  # QLoRA: every stage that trains adapters holds its frozen base in nf4 (bitsandbytes)
     trust_remote_code: bool = False
 
     def validate(self, key: str) -> None:
@@ -220,6 +220,7 @@ class PreferencesConfig:
     max_resample: int = field(default=2, metadata=non_negative())
     batch_size: int = field(default=8, metadata=positive())
     shard_size: int = field(default=256, metadata=positive())
+    num_processes: int = field(default=1, metadata=positive())  # each process judges every n-th shard
 
 
 @dataclass
@@ -238,6 +239,9 @@ class RewardModelConfig:
     centering_coef: float = field(default=1e-3, metadata=non_negative())
     max_length: int = field(default=2048, metadata=positive())
     context_in_instruction: bool = False
+    preferences: Literal["generated", "released"] = "generated"  # released: data.preference_file's pairs
+    load_in_4bit: bool = False  # the reward model's own base (`base` set) in nf4, in training and wherever it scores
+    gradient_checkpointing: bool = False
     save_steps: int = field(default=100, metadata=positive())
     num_processes: int = field(default=1, metadata=positive())
 
@@ -275,6 +279,7 @@ class PPOConfig:
     missing_eos_penalty: float = field(default=8.0, metadata=non_negative())
     reward_scale: float = field(default=10.0, metadata=positive())
     whiten_rewards: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass; the updates then run in train mode
     save_steps: int = field(default=10, metadata=positive())
     num_processes: int = field(default=1, metadata=positive())
     seeds: list[int] = field(default_factory=lambda: [0])  # one PPO run per seed: the spread the evaluation reports
@@ -282,6 +287,11 @@ class PPOConfig:
     def validate(self, key: str) -> None:
         if self.rollout_batch_size % self.step_batch_size:
             raise ConfigError(f"{key}.step_batch_size: must divide rollout_batch_size ({self.rollout_batch_size})")
+        if self.step_batch_size % self.num_processes:  # each process takes an equal share of every batch
+            raise ConfigError(f"{key}.num_processes: must divide step_batch_size ({self.step_batch_size}) and so rollout_batch_size")
+        if self.gradient_checkpointing and self.policy_lora.dropout:
+            raise ConfigError(f"{key}.policy_lora.dropout: must be 0 with gradient_checkpointing, whose train-mode updates would "
+                              "otherwise score tokens under dropout the rollout never had")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ConfigError(f"{key}.seeds: expected distinct non-negative seeds, at least one; got {self.seeds}")
 
@@ -308,6 +318,26 @@ class EvaluateConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How a training stage whose `num_processes` is above 1 starts its processes: `accelerate
+    launch` with an engine's config (configs/accelerate/), over `num_machines` machines. No
+    stage lists this section among its DVC params: the engine changes how a model is trained,
+    not which one."""
+
+    accelerate_config: str = "configs/accelerate/ddp.yaml"
+    num_machines: int = field(default=1, metadata=positive())
+    machine_rank: int = field(default=0, metadata=non_negative())
+    main_process_ip: str | None = None
+    main_process_port: int | None = field(default=None, metadata=_check(1, 65535))  # null: accelerate's default, 29500
+
+    def validate(self, key: str) -> None:
+        if self.machine_rank >= self.num_machines:
+            raise ConfigError(f"{key}.machine_rank: {self.machine_rank} is not below num_machines {self.num_machines}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ConfigError(f"{key}.main_process_ip: {self.num_machines} machines need the address of machine 0")
+
+
+@dataclass
 class Params:
     """One profile: every section every stage reads."""
 
@@ -320,6 +350,7 @@ class Params:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # --------------------------------------------------------------------------- validation

@@ -64,11 +64,12 @@ def runs(params: Params, base: Path = Path("artifacts/base"), sft: Path = Path("
 def load(run: Run, params: Params):
     """(model, processor) of a run; an RLAIF policy is merged into the SFT model it was trained on
     (the one its base.json names)."""
+    where = modeling.process_device_map()
     if run.model != "rlaif":
-        return modeling.load_model_and_processor(run.folder, dtype=params.base.dtype)
+        return modeling.load_model_and_processor(run.folder, dtype=params.base.dtype, device_map=where)
     from peft import PeftModel
 
-    model, processor = modeling.load_model_and_processor(io.read_json(run.folder / "base.json")["base"], dtype=params.base.dtype)
+    model, processor = modeling.load_model_and_processor(io.read_json(run.folder / "base.json")["base"], dtype=params.base.dtype, device_map=where)
     return PeftModel.from_pretrained(model, run.folder).merge_and_unload(), processor
 
 

@@ -129,7 +129,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     elif backend not in ("torch", "triton"):
         raise ValueError(f"token_logprobs: unknown backend {backend!r}; use 'auto', 'torch' or 'triton'")
     flat = targets.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= weight.shape[0]):
-        raise ValueError(f"token_logprobs: target ids must lie in [0, {weight.shape[0]}), got [{int(flat.min())}, {int(flat.max())}]")
+    if flat.numel():
+        low, high = torch.stack(torch.aminmax(flat)).tolist()  # one pass over the ids, one host sync
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(f"token_logprobs: target ids must lie in [0, {weight.shape[0]}), got [{low}, {high}]")
     logp, entropy = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, flat.contiguous(), chunk_rows, backend)
     return logp.view(targets.shape), entropy.view(targets.shape)

@@ -8,6 +8,7 @@ checkpoint's own processor and chat template decide how a video and the turns be
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def _resolve(name_or_path: str | Path) -> str:
 
 
 def _quantization(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """nf4 with double quantisation, as the released PPO code loads its frozen bases."""
+    """nf4 with double quantisation, as the released PPO code loads its frozen bases. Only the
+    language model's layers: the vision side is small, and its projector may train in full."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError("load_in_4bit needs the bitsandbytes package (and a CUDA GPU); install it or set base.load_in_4bit: false")
     return BitsAndBytesConfig(
@@ -71,7 +73,16 @@ def _quantization(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=[".*vision_tower", ".*multi_modal_projector", ".*visual", "lm_head"],  # LLaVA's and Qwen2.5-VL's
     )
+
+
+def process_device_map() -> dict[str, torch.device] | None:
+    """Where a model this process runs goes as it loads: its GPU (LOCAL_RANK's under a
+    multi-process launch), or nowhere special (None: the CPU) on a machine without one."""
+    if not torch.cuda.is_available():
+        return None
+    return {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))}
 
 
 def load_model_and_processor(
@@ -85,13 +96,15 @@ def load_model_and_processor(
     """(model, processor) for a llava_next_video or qwen2_5_vl checkpoint, safetensors only.
 
     Custom modelling code is refused unless `trust_remote_code` is set; the transformers
-    prompt that would otherwise ask on stdin never appears.
+    prompt that would otherwise ask on stdin never appears. A 4-bit model loads onto this
+    process's GPU (`process_device_map`): quantised weights are not moved after loading.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"{name_or_path}: dtype {dtype!r} is not one of {list(DTYPES)}")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "device_map": device_map}
     if load_in_4bit:
         kwargs["quantization_config"] = _quantization(DTYPES[dtype])
+        kwargs["device_map"] = device_map or process_device_map()
     source = _resolve(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -134,8 +147,10 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig, modules_to_save: list[str
     `modules_to_save` (trained in full). Only the language model's: the vision tower has
     layers of the same names, and leaving it untouched keeps video features computed once
     valid under any adapter."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms and the layers left unquantised train-stable in float32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     target = rf".*language_model.*\.({'|'.join(lora.target_modules)})"
     config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, modules_to_save=modules_to_save,

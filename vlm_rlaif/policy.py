@@ -34,6 +34,7 @@ from vlm_rlaif.modeling import build_inputs, load_model_and_processor
 from vlm_rlaif.reward_model import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, RewardModel, load_reward_model, score
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
+TOKEN_TYPES = {"mm_token_type_ids", "token_type_ids"}  # per-token inputs beside the ids (Qwen2.5-VL: which are the video's)
 
 
 class Models:
@@ -95,6 +96,8 @@ class Models:
         width = kwargs["input_ids"].shape[1]
         kwargs["input_ids"] = torch.cat([kwargs["input_ids"], responses.to(self.device)], 1)
         kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], response_mask.to(self.device, kwargs["attention_mask"].dtype)], 1)
+        for key in TOKEN_TYPES.intersection(kwargs):  # a response's tokens are text (type 0)
+            kwargs[key] = torch.nn.functional.pad(kwargs[key], (0, responses.shape[1]))
         return kwargs, width
 
     def logprobs(self, adapter: str | None, prompts, features, responses, response_mask, videos,
@@ -131,7 +134,7 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
     """The SFT model with a fresh policy adapter (seeded), the value model from the reward
     model, and the reward model itself, shared on one base where it was trained on this one."""
     saved = io.read_json(reward / CONFIG_FILE)
-    model, processor = load_model_and_processor(sft, dtype=params.base.dtype)
+    model, processor = load_model_and_processor(sft, dtype=params.base.dtype, load_in_4bit=params.base.load_in_4bit)
     torch.manual_seed(params.seed)
     model = modeling.add_lora(model, params.ppo.policy_lora)
     reward_head = nn.Linear(saved["hidden_size"], 1)
@@ -148,7 +151,9 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
         model.add_adapter(VALUE, copy.deepcopy(model.peft_config[POLICY]))
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-        reward_model, reward_processor = load_reward_model(reward, dtype=params.base.dtype)
+        reward_model, reward_processor = load_reward_model(reward, dtype=params.base.dtype, load_in_4bit=params.reward_model.load_in_4bit)
+    if params.ppo.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.set_adapter(POLICY)
     models = Models(model, processor, value_head.to(model.device), reward_model, reward_processor, shared)
     models._keep_trainable()

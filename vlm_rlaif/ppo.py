@@ -11,6 +11,11 @@ and the schedule are checkpointed every `ppo.save_steps` rollout batches, and a 
 resumes from the last checkpoint: the rollout of batch k is drawn under seed (seed, k), so a
 resumed run draws what the uninterrupted one would have. The stage trains one policy per seed
 of `ppo.seeds` (`train_seeds`), so the evaluation can set RLAIF's gain against its spread.
+
+With `ppo.num_processes` above 1 (`run`) each process rolls out its share of every batch and
+steps on its share of every minibatch; gradients, whitening moments and the logged figures
+are averaged over the processes, so the run optimises what one process with the whole batch
+would.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from vlm_rlaif import io, policy, ppo_math, rollout
+from vlm_rlaif import io, policy, ppo_math, rollout, stage
 from vlm_rlaif.config import ConfigError, Params
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.data import RLPrompt, SFTRecord, read_rl_prompts, read_sft
@@ -53,12 +58,33 @@ def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Acc
     values = models.values(**rows)
     vf_loss, vf_stats = ppo_math.value_loss(values, batch.values.to(models.device), batch.returns.to(models.device), mask, cfg.value_clip)
     accelerator.backward(cfg.vf_coef * vf_loss)
+    average_gradients(models.trainable_parameters(), accelerator)
     grad_norm = accelerator.clip_grad_norm_(models.trainable_parameters(), cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": ppo_math.masked_mean(entropy.detach(), mask).item(),
             "grad_norm": float(grad_norm), **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
+
+
+def average_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Data parallelism by hand: each gradient replaced by its mean over the processes. What
+    PPO trains (adapters and a head) is small enough to all-reduce in one flat tensor, and the
+    frozen base needs no wrapper that would fight the adapter switching of `policy.Models`."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for p, part in zip(parameters, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).clone()
+
+
+def mean_over_processes(stats: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Each figure's mean over the processes (each reports on its share of the rollout)."""
+    if accelerator.num_processes == 1:
+        return stats
+    values = accelerator.reduce(torch.tensor(list(stats.values()), dtype=torch.float64, device=accelerator.device), reduction="mean")
+    return dict(zip(stats, values.tolist()))
 
 
 def rollout_stats(batch: rollout.Rollout) -> dict[str, float]:
@@ -139,16 +165,17 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
           progress: bool = True) -> Path:
     """PPO from the SFT model against the reward model; the policy adapter and the per-step log to `out`."""
     cfg = params.ppo
-    if cfg.num_processes > 1:
-        raise ConfigError("ppo.num_processes: PPO runs in one process for now; set it to 1")
     prompts_file = prepared / "rl_prompts.json"
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
     models = policy.load(params, sft, reward)
     prompts, too_long = within_query_length(read_rl_prompts(prompts_file).records, models.processor.tokenizer, cfg.query_length)
     order = np.random.default_rng(params.seed).permutation(len(prompts))[: cfg.num_prompts or len(prompts)]
     batches = [order[i : i + cfg.rollout_batch_size] for i in range(0, len(order), cfg.rollout_batch_size)]
     batches = [b for b in batches if len(b) == cfg.rollout_batch_size] or batches[:1]  # a short last batch is dropped
-    minibatches = math.ceil(len(batches[0]) / cfg.step_batch_size)  # per PPO epoch
+    minibatches = math.ceil(len(batches[0]) / cfg.step_batch_size)  # per PPO epoch, in every process
+    if len(batches[0]) // world < minibatches:
+        raise ConfigError(f"ppo.num_processes: a rollout of {len(batches[0])} RL prompts is too small to share among {world} processes")
 
     models.to(accelerator.device)
     optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
@@ -158,7 +185,9 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     init_file = prepared / "policy_init.json"
     if cfg.policy_init and not init_file.is_file():
         raise ConfigError(f"ppo.policy_init: {init_file} does not exist; name the policy-init data in data.policy_init_file")
-    io.claim(checkpoints, fingerprint(params, prompts_file, sft, reward))
+    if accelerator.is_main_process:
+        io.claim(checkpoints, fingerprint(params, prompts_file, sft, reward))
+    accelerator.wait_for_everyone()
     start, log, kl_coef = 0, [], cfg.kl_coef
     resume = io.last_checkpoint(checkpoints, "step", "state.json")
     if resume is not None:  # the checkpoint holds the initialised policy too
@@ -169,32 +198,40 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         initialise_policy(models, params, read_sft(init_file).records, checkpoints / "policy_init")
     controller = ppo_math.AdaptiveKLController(kl_coef, cfg.target_kl, adaptive=cfg.adaptive_kl)
 
+    progress = progress and accelerator.is_main_process
     for step in tqdm(range(start, len(batches)), desc="ppo", initial=start, total=len(batches), disable=not progress):
-        torch.manual_seed(params.seed * 100_003 + step)
-        batch = rollout.collect(models, [prompts[i] for i in batches[step]], cfg, kl_coef=controller.coef,
+        torch.manual_seed(params.seed * 100_003 + step * world + rank)  # each process samples its share of the batch
+        batch = rollout.collect(models, [prompts[i] for i in batches[step][rank::world]], cfg, kl_coef=controller.coef,
                                 video_root=params.data.video_root, num_frames=params.data.num_frames, batch_size=cfg.step_batch_size)
+        models.model.train(cfg.gradient_checkpointing)  # layers recompute only in train mode
         updates = []
         for _ in range(cfg.ppo_epochs):
             for index in np.array_split(torch.randperm(len(batch)).numpy(), minibatches):
                 updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer, scheduler))
-        stats = rollout_stats(batch)
-        entry = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]},
-                 "kl_coef": controller.coef, "learning_rate": scheduler.get_last_lr()[0]}
+        stats = mean_over_processes({**rollout_stats(batch), **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}, accelerator)
+        entry = {"step": step + 1, **stats, "kl_coef": controller.coef, "learning_rate": scheduler.get_last_lr()[0]}
         log.append({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()})
-        controller.update(stats["kl"], len(batch))
-        if (step + 1) % cfg.save_steps == 0 or step + 1 == len(batches):
+        controller.update(stats["kl"], len(batches[step]))
+        if accelerator.is_main_process and ((step + 1) % cfg.save_steps == 0 or step + 1 == len(batches)):
             save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizer, scheduler, step + 1, controller.coef, log)
             for old in sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
                 shutil.rmtree(old)
 
+    if accelerator.is_main_process:
+        save_policy(out, models, sft, log, {"rollouts": len(batches), "optimizer_steps": len(batches) * cfg.ppo_epochs * minibatches,
+                                            "prompts_over_query_length": too_long})
+    accelerator.wait_for_everyone()
+    return out
+
+
+def save_policy(out: Path, models: Models, sft: Path, log: list[dict], run: dict) -> None:
+    """The trained policy adapter (loads on the SFT model `sft` names), its log and run facts."""
     with io.atomic_dir(out) as tmp:
         models.model.save_pretrained(tmp / "policy", selected_adapters=[POLICY])
         save_processor(sft, tmp / "policy")
         io.write_json(tmp / "policy" / "base.json", {"base": str(sft)})
         io.write_json(tmp / LOG_FILE, log)
-        io.write_json(tmp / "run.json", {"rollouts": len(batches), "optimizer_steps": len(batches) * cfg.ppo_epochs * minibatches,
-                                          "prompts_over_query_length": too_long})
-    return out
+        io.write_json(tmp / "run.json", run)
 
 
 def seed_folder(folder: Path, seed: int) -> Path:
@@ -204,9 +241,17 @@ def seed_folder(folder: Path, seed: int) -> Path:
 def train_seeds(params: Params, out: Path = OUT, checkpoints: Path = CHECKPOINTS, progress: bool = True, **inputs: Path) -> list[Path]:
     """One PPO run per seed of `ppo.seeds`, each to out/seed-N with its own checkpoints; runs
     of seeds no longer listed are removed, so `out` holds exactly the configured runs."""
-    for stale in out.glob("seed-*"):
+    for stale in out.glob("seed-*") if stage.processes().is_main_process else []:
         if stale.name not in {seed_folder(out, s).name for s in params.ppo.seeds}:
             shutil.rmtree(stale)
     return [train(dataclasses.replace(params, seed=s), out=seed_folder(out, s), checkpoints=seed_folder(checkpoints, s), progress=progress, **inputs)
             for s in params.ppo.seeds]
+
+
+def run(params: Params) -> list[Path]:
+    """The stage: `train_seeds` in this process, or in `ppo.num_processes` data-parallel
+    processes. Those start under DDP whatever engine `launch` names: PPO trains adapters on a
+    frozen base, which ZeRO or FSDP would shard to no gain and under Trainer-only wrappers."""
+    stage.launch(params, "ppo", params.ppo.num_processes, lambda: train_seeds(params), accelerate_config=str(stage.ENGINES / "ddp.yaml"))
+    return [seed_folder(OUT, s) for s in params.ppo.seeds]
 

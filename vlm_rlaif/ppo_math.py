@@ -22,11 +22,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def summed_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over every process of a data-parallel run; `x` itself in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """`x` scaled to unit variance over the masked positions (and centred, unless
-    `shift_mean` is off); zero where masked."""
-    mean = masked_mean(x, mask)
-    variance = masked_mean((x - mean) ** 2, mask)
+    `shift_mean` is off); zero where masked. The moments are the whole rollout's: over every
+    process of a data-parallel run."""
+    mask = mask.to(x.dtype)
+    count = summed_over_processes(mask.sum()).clamp(min=1)
+    mean = summed_over_processes((x * mask).sum()) / count
+    variance = summed_over_processes(((x - mean) ** 2 * mask).sum()) / count
     out = (x - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         out = out + mean

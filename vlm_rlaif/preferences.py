@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
-from vlm_rlaif import context, generation, io, judge, modeling, prepare, prompts, video
+from vlm_rlaif import context, generation, io, judge, modeling, prepare, prompts, stage, video
 from vlm_rlaif.config import Params, PreferencesConfig
 from vlm_rlaif.data import PLACEHOLDER, PreferenceRecord, RLPrompt, read_rl_prompts, write_records
 from vlm_rlaif.evaluation import oracle_preference, oracle_score
@@ -182,7 +182,15 @@ def preference_record(judged: Mapping) -> PreferenceRecord:
 # --------------------------------------------------------------------------- the stage
 
 
-def run(
+def run(params: Params, *, out: Path = OUT, **paths) -> dict:
+    """The preferences stage: `judge_prompts` in this process, or in `preferences.num_processes`
+    processes (each judges every n-th shard; the draws are the same either way); returns the
+    counts: prompts, pairs drawn again, kept, and dropped per reason."""
+    stage.launch(params, "preferences", params.preferences.num_processes, lambda: judge_prompts(params, out=out, **paths))
+    return io.read_json(out / "counts.json")
+
+
+def judge_prompts(
     params: Params,
     *,
     prompts_file: Path = prepare.OUT / "rl_prompts.json",
@@ -190,31 +198,38 @@ def run(
     out: Path = OUT,
     shards: Path = SHARDS,
     progress: bool = True,
-) -> dict:
-    """The preferences stage: judge the RL prompts shard by shard under `shards` (a rerun of
-    the same run skips finished shards), then write every judged record (judged.json) and
-    the kept pairs in the reward model's format (preferences.json) under `out`. Returns the
-    counts: prompts, pairs drawn again, kept, and dropped per reason."""
+) -> None:
+    """Judge the RL prompts shard by shard under `shards` (a rerun of the same run skips
+    finished shards; a shard draws under its own seed, whichever process judges it), then, in
+    the main process, write every judged record (judged.json), the kept pairs in the reward
+    model's format (preferences.json) and the counts under `out`."""
     cfg = params.preferences
     rl_prompts = read_rl_prompts(prompts_file).records[: cfg.num_prompts]
     if not rl_prompts:
         raise ValueError(f"{prompts_file}: no RL prompts to judge")
     code = [Path(m.__file__) for m in (sys.modules[__name__], context, generation, judge, modeling, video)]
     code += sorted(Path(prompts.__file__).parent.glob("*.txt"))
-    settings = {"preferences": dataclasses.asdict(cfg), "seed": params.seed, "num_frames": params.data.num_frames,
-                "video_root": params.data.video_root}
-    io.claim(shards, io.run_stamp(code, settings, [prompts_file], [model_dir]))
-    model, processor = load_model_and_processor(model_dir, dtype=params.base.dtype)
+    drawn = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_processes"}  # shards do not depend on it
+    settings = {"preferences": drawn, "seed": params.seed, "num_frames": params.data.num_frames, "video_root": params.data.video_root}
+    state = stage.processes()
+    if state.is_main_process:
+        io.claim(shards, io.run_stamp(code, settings, [prompts_file], [model_dir]))
+    state.wait_for_everyone()
+    model, processor = load_model_and_processor(model_dir, dtype=params.base.dtype, load_in_4bit=params.base.load_in_4bit,
+                                                device_map=modeling.process_device_map())
     plan = shard_prompts(rl_prompts, cfg.shard_size)
-    for k, indices in enumerate(tqdm(plan, desc="preferences", unit="shard", disable=not progress)):
+    for k, indices in enumerate(tqdm(plan, desc="preferences", unit="shard", disable=not (progress and state.is_main_process))):
         path = shards / f"shard_{k:05d}.json"
-        if path.is_file():
+        if path.is_file() or k % state.num_processes != state.process_index:
             continue
         torch.manual_seed(params.seed * 1_000_003 + k)  # a shard's draws do not depend on which shards ran before it
         records, resampled = prefer_shard(
             model, processor, [rl_prompts[i] for i in indices], cfg, video_root=params.data.video_root, num_frames=params.data.num_frames,
         )
         io.write_json(path, {"resampled": resampled, "records": records})
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
     written = [io.read_json(shards / f"shard_{k:05d}.json") for k in range(len(plan))]
     judged = [r for shard in written for r in shard["records"]]
     kept = [preference_record(r) for r in judged if r["dropped"] is None]
@@ -224,7 +239,6 @@ def run(
     counts = {"prompts": len(judged), "resampled": sum(s["resampled"] for s in written), "kept": len(kept)}
     counts["dropped"] = {reason: sum(r["dropped"] == reason for r in judged) for reason in DROP_REASONS}
     io.write_json(out / "counts.json", counts)
-    return counts
 
 
 # --------------------------------------------------------------------------- measured quality

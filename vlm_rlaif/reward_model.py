@@ -22,14 +22,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments, set_seed
 
 from vlm_rlaif import data, io, modeling, prompts as prompt_files, stage, video
-from vlm_rlaif.config import Params, RewardModelConfig
+from vlm_rlaif.config import ConfigError, Params, RewardModelConfig
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
@@ -92,6 +91,10 @@ class RewardModel(nn.Module):
         [batch, length, vocabulary] logits would be wasted memory at 7B."""
         model = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
         return model.model
+
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """What Trainer calls for `reward_model.gradient_checkpointing`: the backbone recomputes."""
+        self.backbone.activation_checkpointing_enable(**kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
         """One reward per row, from the hidden state of its last real token."""
@@ -162,7 +165,7 @@ def save_reward_model(reward_model: RewardModel, out: Path, base: str | os.PathL
     io.write_json(out / CONFIG_FILE, {"base": str(base), "hidden_size": reward_model.head.in_features})
 
 
-def load_reward_model(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[RewardModel, ProcessorMixin]:
+def load_reward_model(path: str | os.PathLike, *, dtype: str = "float32", load_in_4bit: bool = False) -> tuple[RewardModel, ProcessorMixin]:
     """A saved reward model and its processor: the base by the path it was saved with (relative
     paths from the repo root), the adapter on it, the head."""
     from peft import PeftModel
@@ -171,7 +174,7 @@ def load_reward_model(path: str | os.PathLike, *, dtype: str = "float32") -> tup
     if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a saved reward model")
     saved = io.read_json(path / CONFIG_FILE)
-    model, processor = load_model_and_processor(saved["base"], dtype=dtype)
+    model, processor = load_model_and_processor(saved["base"], dtype=dtype, load_in_4bit=load_in_4bit, device_map=modeling.process_device_map())
     backbone = PeftModel.from_pretrained(model, path / ADAPTER_DIR)
     head = nn.Linear(saved["hidden_size"], 1)
     head.load_state_dict(load_file(path / HEAD_FILE))
@@ -179,6 +182,12 @@ def load_reward_model(path: str | os.PathLike, *, dtype: str = "float32") -> tup
 
 
 # --------------------------------------------------------------------------- training
+
+
+def in_4bit(params: Params) -> bool:
+    """Whether the reward model's base is held in nf4: its own setting on its own base, the
+    policy's on the SFT model it shares with the policy."""
+    return params.reward_model.load_in_4bit if params.reward_model.base else params.base.load_in_4bit
 
 
 def split_heldout(records: Sequence[PreferenceRecord], heldout: float, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
@@ -256,19 +265,30 @@ def fingerprint(params: Params, pairs: Path, base: Path | str) -> str:
     return io.run_stamp(code, settings | {"base": str(base), "instruction": prompt_files.load("reward")}, [pairs], models)
 
 
+def training_pairs(params: Params, preferences: Path, prepared: Path = Path("artifacts/prepare")) -> Path:
+    """The pairs the reward model learns from: the preference stage's AI feedback, or with
+    `reward_model.preferences: released` the release's (data.preference_file, as prepared)."""
+    if params.reward_model.preferences == "generated":
+        return preferences / "preferences.json"
+    path = prepared / "preferences.json"
+    if not path.is_file():
+        raise ConfigError(f"reward_model.preferences: released, but there is no {path}; name the release's pairs in data.preference_file")
+    return path
+
+
 def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("artifacts/sft"),
           out: Path = OUT, checkpoints: Path = CHECKPOINTS) -> Path:
     """Train the reward model on `preferences/preferences.json`, holding out
     `reward_model.heldout` pairs; save it to `out` with the split it used."""
     cfg = params.reward_model
-    pairs_file = preferences / "preferences.json"
+    pairs_file = training_pairs(params, preferences)
     records = read_preferences(pairs_file).records
     if not records:
         raise ValueError(f"{pairs_file}: no preference pairs to train a reward model on")
     train_set, heldout = split_heldout(records, cfg.heldout, params.seed)
     base = cfg.base or policy  # the paper's reward model sits on a larger SFT model than its policy
 
-    state = PartialState()
+    state = stage.processes()
     cuda = torch.cuda.is_available()
     total_steps = math.ceil(cfg.epochs * math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * state.num_processes)))
     args = TrainingArguments(
@@ -287,6 +307,8 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
         remove_unused_columns=False,
         seed=params.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # the frozen embeddings' outputs need no grad
         use_cpu=not cuda,
         dataloader_num_workers=0,
     )
@@ -295,7 +317,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
     state.wait_for_everyone()
     resume = io.last_checkpoint(checkpoints)
 
-    model, processor = load_model_and_processor(base, dtype=params.base.dtype)
+    model, processor = load_model_and_processor(base, dtype=params.base.dtype, load_in_4bit=in_4bit(params))
     set_seed(params.seed)  # the adapter's and the head's initial weights are drawn: the same in every run
     reward_model = RewardModel(modeling.add_lora(model, cfg.lora))
     trainer = RewardTrainer(
@@ -401,7 +423,7 @@ def run(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("ar
     """The stage: train (resuming from the last checkpoint of the same run), in
     `reward_model.num_processes` processes if asked, then the rewards of every judged pair
     (`out/rewards.json`), the input of `reward_quality`."""
-    stage.launch(params, lambda p: train(p, preferences, policy, out), "reward_model", params.reward_model.num_processes)
+    stage.launch(params, "reward_model", params.reward_model.num_processes, lambda: train(params, preferences, policy, out))
     judged = [r for r in io.read_json(preferences / "judged.json") if r["judge"] is not None]
     reward_model, processor = load_reward_model(out, dtype=params.base.dtype)
     rewards = reward_pairs(

@@ -16,8 +16,8 @@ a language model from scratch needs that many answers before it reads the video 
 
 Training is transformers' `Trainer` with this package's video collator (trl's SFTTrainer
 expects its own image-message format and collator, not video conversations in the release
-layout). Run it in-process, or multi-process with `python -m torch.distributed.run
---nproc_per_node N -m vlm_rlaif sft --params FILE` (`launch` does this for you).
+layout). Run it in-process, or in `sft.num_processes` processes under an engine of
+configs/accelerate/ (`accelerate launch ... -m vlm_rlaif sft --params FILE`; `launch` does this for you).
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 
 from vlm_rlaif import collate, data, io, modeling, stage, video
 from vlm_rlaif.collate import VideoConversationCollator
-from vlm_rlaif.config import Params, SFTConfig
+from vlm_rlaif.config import BaseConfig, ConfigError, Params, SFTConfig
 from vlm_rlaif.data import SFTRecord, read_sft
 from vlm_rlaif.modeling import load_model_and_processor, save_processor
 
@@ -217,7 +217,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     sets = [read_sft(p).records if p.is_file() else [] for p in files]  # captions and judge sets are optional
     curriculum = build_curriculum(*sets, cfg, params.seed)
 
-    state = PartialState()
+    state = stage.processes()
     cuda = torch.cuda.is_available()
     steps_per_update = cfg.batch_size * cfg.grad_accum * state.num_processes
     total_steps = math.ceil(len(curriculum.records) / steps_per_update)
@@ -246,7 +246,9 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     state.wait_for_everyone()
     resume = io.last_checkpoint(checkpoints)
 
-    model, processor = load_model_and_processor(base, dtype=params.base.dtype)
+    if params.base.load_in_4bit and cfg.lora is None:
+        raise ConfigError("sft.lora: a 4-bit base (base.load_in_4bit) trains adapters only; set sft.lora")
+    model, processor = load_model_and_processor(base, dtype=params.base.dtype, load_in_4bit=params.base.load_in_4bit)
     if cfg.lora is not None:
         model = modeling.add_lora(model, cfg.lora, [PROJECTORS[params.base.family]] if cfg.train_projector else None)
     else:
@@ -260,7 +262,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     trainer.train(resume_from_checkpoint=resume)
 
     if trainer.is_world_process_zero():
-        final = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
+        final = merged(trainer.model, base, params.base) if cfg.lora is not None else trainer.model
         with io.atomic_dir(out) as tmp:
             final.save_pretrained(tmp)
             save_processor(base, tmp)
@@ -273,9 +275,22 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
     return out
 
 
+def merged(model, base: Path, cfg: BaseConfig):
+    """The trained adapters folded into the base's weights. A 4-bit layer cannot hold the sum,
+    so under QLoRA the adapters go onto the base reloaded in `base.dtype`."""
+    if not cfg.load_in_4bit:
+        return model.merge_and_unload()
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        full, _ = load_model_and_processor(base, dtype=cfg.dtype)
+        return PeftModel.from_pretrained(full, tmp).merge_and_unload()
+
+
 def launch(params: Params) -> Path:
-    """Train in this process, or in `sft.num_processes` processes through torch.distributed.run."""
-    stage.launch(params, train, "sft", params.sft.num_processes)
+    """Train in this process, or in `sft.num_processes` processes (`stage.launch`)."""
+    stage.launch(params, "sft", params.sft.num_processes, lambda: train(params))
     return OUT
 
 

@@ -16,16 +16,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 import numpy as np
+import yaml
+from accelerate import PartialState
 
 from vlm_rlaif import io
-from vlm_rlaif.config import Params, load_params
+from vlm_rlaif.config import ConfigError, Params, load_params
 from vlm_rlaif.errors import InputError
 
 METRICS_DIR = Path("reports/metrics")
 FIGURES_DIR = Path("reports/figures")
+ENGINES = Path("configs/accelerate")  # an accelerate config per engine: ddp, zero2, zero3, fsdp
 TABLES_DIR = Path("reports/tables")
 
 
@@ -54,17 +55,61 @@ def setup(params_file: str = "params.yaml", **sections: Any) -> Params:
     return params
 
 
-def launch(params: Params, train: Callable[[Params], Any], stage: str, num_processes: int) -> None:
-    """Run a stage's training in this process, or in `num_processes` processes through
-    torch.distributed.run (`python -m vlm_rlaif <stage> --params FILE` in each)."""
+def processes() -> PartialState:
+    """This process's place among a launched stage's processes (index, count, main or not).
+    On a machine without a GPU the processes run on CPU: accelerate must be told, or each
+    process would take itself for the only one."""
+    import torch
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def launch_command(params: Params, stage: str, num_processes: int, params_file: str | Path, accelerate_config: str | None = None) -> list[str]:
+    """`accelerate launch` of `python -m vlm_rlaif <stage>` in `num_processes` processes (over
+    every machine of `launch`), with the engine of `launch.accelerate_config` unless the stage
+    names its own. The same command, with its `--machine_rank`, starts the stage on the other
+    machines of a multi-node run (README, Paper scale)."""
+    cfg = params.launch
+    config = accelerate_config or cfg.accelerate_config
+    if not Path(config).is_file():
+        raise ConfigError(f"launch.accelerate_config: {config} does not exist (the engines are in {ENGINES})")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(num_processes),
+               "--num_machines", str(cfg.num_machines), "--machine_rank", str(cfg.machine_rank)]
+    if cfg.main_process_ip:
+        command += ["--main_process_ip", cfg.main_process_ip]
+    if cfg.main_process_port:
+        command += ["--main_process_port", str(cfg.main_process_port)]
+    return command + ["-m", "vlm_rlaif", stage, "--params", str(params_file)]
+
+
+def launch(params: Params, stage: str, num_processes: int, here: Callable[[], Any], accelerate_config: str | None = None) -> None:
+    """Run a training stage: `here()` in this process when `num_processes` is 1, else
+    `launch_command`'s processes, each running the stage with its default paths. Their output
+    comes through as it is written; a process stopped by bad input raises its message here."""
     if num_processes == 1:
-        train(params)
+        here()
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
         io.write_text(path, yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}", "-m", "vlm_rlaif", stage, "--params", str(path)]
-        subprocess.run(command, check=True)
+        status, errors = _relay(launch_command(params, stage, num_processes, path, accelerate_config), f"python -m vlm_rlaif {stage}: error: ")
+    if errors:
+        raise InputError(f"{stage} ({num_processes} processes): {errors[0]}")
+    if status:
+        raise RuntimeError(f"{stage}: the {num_processes} processes exited with status {status}; their output is above")
+
+
+def _relay(command: list[str], marker: str) -> tuple[int, list[str]]:
+    """Run `command`, passing its stderr on as it comes (progress bars included); its status,
+    and the text after `marker` of each line that holds it."""
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+    found, line = [], b""
+    for chunk in iter(lambda: proc.stderr.read1(65536), b""):
+        sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+        *complete, line = (line + chunk).split(b"\n")
+        found += [text.split(marker, 1)[1] for text in (c.decode(errors="replace") for c in complete) if marker in text]
+    return proc.wait(), found
 
 
 def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:
