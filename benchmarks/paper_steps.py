@@ -12,7 +12,7 @@ never stops early: the longest rollout there is), two epochs of minibatches of 1
 call includes loading its models; the load alone is timed too.
 
     python benchmarks/paper_steps.py                      # 7B shape on the GPU (~10 min on an H100)
-    python benchmarks/paper_steps.py --shape tiny         # the same path at toy width (CPU, ~1 min)
+    python benchmarks/paper_steps.py --shape tiny         # the same path at toy width (CPU, ~3 min)
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build_model(shape: TinyModelConfig, corpus: list[str], out: Path, device: to
     """Random weights of `shape` in bfloat16, initialised on `device`, saved as a model folder."""
     with torch.device(device):
         model, processor = tiny.build_tiny(shape, corpus, seed=0)
-    model.resize_token_embeddings(shape.vocab_size)  # the tokenizer learnt fewer tokens than the full vocabulary
+    model.resize_token_embeddings(shape.vocab_size, mean_resizing=False)  # the tokenizer learnt fewer tokens than the vocabulary
     tiny.save(model.to(torch.bfloat16), processor, out)
     del model
     if device.type == "cuda":

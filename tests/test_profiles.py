@@ -104,3 +104,19 @@ def test_every_stage_runs_under_the_paper_profile_on_a_tiny_stand_in(profile, tm
     assert json.loads((root / "artifacts/sft/curriculum.json").read_text())["total_steps"] > 0
     assert json.loads((root / reward_model.OUT / "reward_model.json").read_text())["base"] == str(params_dict["reward_model"]["base"])
     assert len(json.loads((root / ppo.OUT / "seed-0" / ppo.LOG_FILE).read_text())) == 1
+
+
+# The published shapes of each profile's policy: frame side, patch side, tokens pooled into one, context length.
+VISION = {"paper.yaml": (336, 14, 4, 4096),       # LLaVA-NeXT-Video-7B: CLIP ViT-L/14-336, 2x2 average pooling, Vicuna's context
+          "paper_qwen.yaml": (336, 14, 8, 32768)}  # Qwen2.5-VL-7B: 2x2 patches merged, 2 frames a temporal patch (frames read at 336 px)
+
+
+@pytest.mark.parametrize("profile", VISION)
+def test_the_paper_profiles_videos_fit_their_models_context_with_room_for_the_conversation(profile):
+    params = load_params(ROOT / "params" / profile)
+    side, patch, pooled, context = VISION[profile]
+    visual = params.data.num_frames * (side // patch) ** 2 // pooled
+    longest = params.ppo.query_length + params.ppo.max_new_tokens  # a rollout: question and answer beside the video
+    assert visual + longest <= params.sft.max_length <= context, (visual, longest, params.sft.max_length)
+    assert params.reward_model.max_length >= visual + longest
+
