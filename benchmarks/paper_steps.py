@@ -11,8 +11,16 @@ pairs; PPO (LoRA r=64) on a rollout of 32 prompts with 896-token responses (a ra
 never stops early: the longest rollout there is), two epochs of minibatches of 16. Each stage
 call includes loading its models; the load alone is timed too.
 
+The PPO iteration runs as `ppo.train` runs one, its rollout and its updates timed apart:
+rollout tokens/s counts the generated tokens, train tokens/s every token of the sequences
+the updates pass through (video, question, answer), and MFU is the model FLOPs of both over
+the GPU's dense bf16 peak: 2N a token for each forward pass (the rollout's prefill and
+decode, then its four scoring passes: policy, reference, value, reward) and 4N a token for
+each update pass (forward, and backward through the activations of a frozen base), two per
+minibatch (policy and value), N the language model's parameters with its head.
+
     python benchmarks/paper_steps.py                      # 7B shape on the GPU (~10 min on an H100)
-    python benchmarks/paper_steps.py --shape tiny         # the same path at toy width (CPU, ~3 min)
+    python benchmarks/paper_steps.py --shape tiny         # the same path at toy width (CPU, ~1 min)
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
 
-from vlm_rlaif import ppo, prepare, reward_model, sft, tiny
-from vlm_rlaif.config import TinyModelConfig, load_params
-from vlm_rlaif.data import write_records
-from vlm_rlaif.modeling import load_model_and_processor
+from vlm_rlaif import policy, ppo, prepare, reward_model, rollout, sft, tiny
+from vlm_rlaif.config import Params, TinyModelConfig, load_params
+from vlm_rlaif.data import read_rl_prompts, write_records
+from vlm_rlaif.modeling import build_inputs, load_model_and_processor
 from vlm_rlaif.preferences import preference_record
 from vlm_rlaif.synthetic.world import generate_world
 
@@ -89,6 +99,45 @@ def build_model(shape: TinyModelConfig, corpus: list[str], out: Path, device: to
         torch.cuda.empty_cache()
 
 
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def ppo_iteration(params: Params, device: torch.device) -> dict:
+    """One rollout and its PPO epochs, as `ppo.train` runs them; tokens per second and MFU."""
+    cfg = params.ppo
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    models = policy.load(params).to(accelerator.device)
+    prompts = read_rl_prompts(Path("artifacts/prepare/rl_prompts.json")).records[: cfg.rollout_batch_size]
+    optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    start = time.perf_counter()
+    batch = rollout.collect(models, prompts, cfg, kl_coef=cfg.kl_coef, video_root=params.data.video_root,
+                            num_frames=params.data.num_frames, batch_size=cfg.step_batch_size)
+    sync()
+    rolled = time.perf_counter()
+    for _ in range(cfg.ppo_epochs):
+        for index in np.array_split(torch.randperm(len(batch)).numpy(), len(batch) // cfg.step_batch_size):
+            ppo.minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer, scheduler)
+    sync()
+    trained = time.perf_counter()
+
+    prompt_tokens = int(build_inputs(models.processor, batch.videos, batch.prompts, add_generation_prompt=True)["attention_mask"].sum())
+    generated = int(batch.mask.sum())
+    sequences = prompt_tokens + generated
+    base = models.model.get_base_model()
+    n = sum(p.numel() for p in base.model.language_model.parameters()) + base.lm_head.weight.numel()
+    flops = 2 * n * sequences + 4 * 2 * n * sequences + cfg.ppo_epochs * 2 * 4 * n * sequences
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    seconds = trained - start
+    return {"rollout_s": round(rolled - start, 1), "train_s": round(trained - rolled, 1),
+            "rollout_tokens_per_s": round(generated / (rolled - start), 1),
+            "train_tokens_per_s": round(cfg.ppo_epochs * sequences / (trained - rolled), 1),
+            "mean_response_tokens": round(generated / len(batch), 1), "language_model_parameters": n,
+            "mfu": None if peak is None else round(flops / seconds / peak, 3)}
+
+
 def measured(name: str, device: torch.device, fn) -> dict:
     """Wall time and peak memory of `fn()`: allocated on the GPU, or the process's resident peak on CPU."""
     if device.type == "cuda":
@@ -134,10 +183,11 @@ def main() -> None:
     rows[-1]["steps"] = json.loads(Path("sft_out/curriculum.json").read_text())["total_steps"]
     rows.append(measured("RM (LoRA r=64, 2 pairs a step)", device, lambda: reward_model.train(params)))
     rows[-1]["steps"] = json.loads((reward_model.OUT / "split.json").read_text())["total_steps"]
-    rows.append(measured("PPO (LoRA r=64, rollout of 32)", device, lambda: ppo.train(params)))
-    rows[-1]["steps"] = json.loads((ppo.OUT / "run.json").read_text())["optimizer_steps"]
-    log = json.loads((ppo.OUT / ppo.LOG_FILE).read_text())[-1]
-    print(json.dumps({"shape": args.shape, "device": str(device), "rows": rows, "ppo_response_length": log["response_length"]}))
+    iteration = {}
+    rows.append(measured("PPO (LoRA r=64, rollout of 32)", device, lambda: iteration.update(ppo_iteration(params, device))))
+    rows[-1] |= iteration
+    print("  " + ", ".join(f"{k} {v}" for k, v in iteration.items()))
+    print(json.dumps({"shape": args.shape, "device": str(device), "rows": rows}))
 
 
 if __name__ == "__main__":
