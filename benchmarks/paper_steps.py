@@ -66,7 +66,7 @@ ONE_GPU = {  # params/paper.yaml's per-GPU sizes, one step or one iteration each
 }
 
 
-def profile(work: Path, model: Path) -> dict:
+def profile(model: Path) -> dict:
     """params/paper.yaml on the synthetic world in the release layout, the built model as base."""
     params = yaml.safe_load((ROOT / "params/paper.yaml").read_text())
     params["world"] = WORLD
@@ -166,7 +166,7 @@ def main() -> None:
     shutil.copytree(ROOT / "configs", "configs")
 
     model_dir = args.work / "artifacts/base"
-    settings = profile(args.work, model_dir)
+    settings = profile(model_dir)
     Path("params.yaml").write_text(yaml.safe_dump(settings))
     params = load_params("params.yaml")
     generate_world(params.world, Path("data"))

@@ -5,7 +5,6 @@ its own base, policy initialisation, an LLM judge), only the sizes shrunk to sec
 
 import json
 import shutil
-import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from vlm_rlaif.data import write_records
 from vlm_rlaif.preferences import preference_record
 from vlm_rlaif.tiny import build_tiny_model
 
-from conftest import PARAMS, ROOT, TINY_VLM, hand_judged, make_project
+from conftest import PARAMS, ROOT, TINY_VLM, hand_judged, make_project, serving
 from test_evaluate import JudgeServer
 from test_modeling import build_tiny_qwen
 
@@ -62,10 +61,8 @@ def release_layout(root: Path, data: dict) -> None:
 def judge_url():
     server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeServer)
     server.requests = 0
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    for running in serving(server):
+        yield f"http://127.0.0.1:{running.server_address[1]}/v1"
 
 
 def world_text(root: Path) -> list[str]:
