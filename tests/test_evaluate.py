@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from vlm_rlaif import evaluate, io, ppo
+from vlm_rlaif import analysis, evaluate, io, ppo
 from vlm_rlaif.benchmark import DIMENSIONS
 from vlm_rlaif.config import ConfigError, load_params
+from vlm_rlaif.convert import convert
 from vlm_rlaif.evaluation import oracle_description_scores
 
 from conftest import PPO
+from test_convert import clip_folder, original_checkpoint
 
 EVALUATE = {"max_new_tokens": 10, "batch_size": 4}
 
@@ -85,6 +87,30 @@ def test_a_rerun_answers_only_what_is_missing_and_ends_the_same(evaluated, monke
     loads.clear()
     evaluate.run(hotter, out=Path("hot"), progress=False)
     assert loads == ["base/seed-0", "sft/seed-0", "rlaif/seed-0"]  # other decoding: no answer is reused
+
+
+def test_a_released_checkpoint_converted_from_the_original_layout_is_evaluated_beside_them(evaluated, monkeypatch, tmp_path):
+    root, params, metrics = evaluated
+    monkeypatch.chdir(root)
+    original_checkpoint(tmp_path / "checkpoint")
+    clip_folder(tmp_path / "clip")
+    folder = convert(tmp_path / "checkpoint", tmp_path / "released", tmp_path / "clip")
+    loads = []
+    real = evaluate.load
+    monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
+    assert evaluate.run(params, progress=False) == metrics  # the trained models' answers as `evaluated` left them
+    loads.clear()
+    overrides = {"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE | {"released": {"vlm-rlaif-7b": str(folder)}}}
+    with_released = evaluate.run(load_params("params.yaml", overrides=overrides), out=Path("with-released"), progress=False)
+    assert loads == ["vlm-rlaif-7b/seed-0", "vlm-rlaif-7b/seed-1"]  # the trained models' answers are reused
+    assert list(with_released["models"]) == ["base", "sft", "rlaif", "vlm-rlaif-7b"]
+    assert all(with_released["models"][m] == metrics["models"][m] for m in evaluate.MODELS)
+    released = with_released["models"]["vlm-rlaif-7b"]
+    assert set(released["seeds"]) == {0, 1} and all(0.0 <= row["mean"] <= 5.0 for row in released["seeds"].values())
+    assert "| vlm-rlaif-7b |" in analysis.main_table(with_released)
+    clash = load_params("params.yaml", overrides={"evaluate": {"released": {"sft": str(folder)}}})
+    with pytest.raises(ConfigError, match="evaluate.released.sft: 'sft' names a trained model"):
+        evaluate.runs(clash)
 
 
 def test_missing_models_and_an_oracle_without_scenes_are_named(policies, monkeypatch, tmp_path):

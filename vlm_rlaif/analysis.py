@@ -50,7 +50,7 @@ def main_table(metrics: Mapping) -> str:
     the paper's published rows."""
     judge = ", ".join(metrics["judge"])
     header = ["model", *DIMENSION_HEADERS.values(), "mean", "judge", "source"]
-    ours = [[LABELS[m], *(_cell(stats, d) for d in (*DIMENSIONS, "mean")), judge, f"ours, {len(stats['seeds'])} seeds"]
+    ours = [[LABELS.get(m, m), *(_cell(stats, d) for d in (*DIMENSIONS, "mean")), judge, f"ours, {len(stats['seeds'])} seeds"]
             for m, stats in metrics["models"].items()]
     published = [[name, *(f"{v:.2f}" for v in values), "gpt-3.5-turbo", "published (paper)"] for name, values in PUBLISHED_VIDEO_CHATGPT.items()]
     return _table(header, ours + published)
@@ -62,7 +62,7 @@ def zeroshot_table(metrics: Mapping) -> str:
                     for k in stats["mean"] if k.startswith("qa_") and k.endswith("_accuracy")})
     header = ["model", "benchmark", "accuracy (%)", "score (0-5)", "judge", "source"]
     judge = ", ".join(metrics["judge"])
-    rows = [[LABELS[m], name, _cell(stats, f"qa_{name}_accuracy", 100, 1), _cell(stats, f"qa_{name}_score"), judge, "ours"]
+    rows = [[LABELS.get(m, m), name, _cell(stats, f"qa_{name}_accuracy", 100, 1), _cell(stats, f"qa_{name}_score"), judge, "ours"]
             for name in names for m, stats in metrics["models"].items()]
     for name, (rlaif, sft) in PUBLISHED_ZEROSHOT.items():
         rows += [["VLM-RLAIF 7B", name, f"{rlaif:.1f}", "", "gpt-3.5-turbo", "published (paper)"],
@@ -75,7 +75,7 @@ def oracle_table(metrics: Mapping) -> str:
     and whether RLAIF's gain in factual accuracy clears the seed-to-seed spread."""
     keys = {"description_precision": "factual accuracy (precision)", "description_recall": "recall", "description_f1": "F1",
             "description_perfect": "perfect answers", "hallucinated_per_answer": "hallucinated facts / answer"}
-    rows = [[LABELS[m], *(_cell(stats, k, digits=3) for k in keys)] for m, stats in metrics["models"].items()]
+    rows = [[LABELS.get(m, m), *(_cell(stats, k, digits=3) for k in keys)] for m, stats in metrics["models"].items()]
     table = _table(["model", *keys.values()], rows)
     t = metrics.get("target")
     if t:
@@ -110,7 +110,7 @@ def score_bars(ax, metrics: Mapping, keys: Sequence[str], labels: Sequence[str],
         stats = metrics["models"][model]
         means = [stats["mean"].get(k) or 0.0 for k in keys]
         errors = [stats["std"].get(k) or 0.0 for k in keys]
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=LABELS[model], color=f"C{i}")
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=LABELS.get(model, model), color=f"C{i}")
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)

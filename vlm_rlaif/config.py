@@ -315,6 +315,9 @@ class EvaluateConfig:
     num_samples: int | None = field(default=None, metadata=positive())
     batch_size: int = field(default=16, metadata=positive())
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # name -> folder of a model evaluated beside base, SFT and RLAIF: a released checkpoint
+    # converted with `python -m vlm_rlaif.convert`, or any model folder the package loads
+    released: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -33,7 +33,7 @@ OUT = Path("artifacts/evaluate")
 CHECKPOINTS = Path("artifacts/checkpoints/evaluate")
 JUDGE_CACHE = "judge_cache.jsonl"
 PLOTS_FILE = Path("reports/plots/evaluate.json")  # per-model means, where `dvc plots show` finds them
-MODELS = ("base", "sft", "rlaif")
+MODELS = ("base", "sft", "rlaif")  # trained here; evaluate.released adds models by name
 TARGET = "description_precision"  # the oracle's factual accuracy of detailed descriptions
 LARGE_FILE = 256 * 2**20  # model files above this size are fingerprinted by size, not content
 
@@ -52,9 +52,14 @@ class Run:
 
 
 def runs(params: Params, base: Path = Path("artifacts/base"), sft: Path = Path("artifacts/sft"), policies: Path = ppo.OUT) -> list[Run]:
-    """Every (model, seed) the stage evaluates, checking that each model exists."""
+    """Every (model, seed) the stage evaluates, the released models after the trained ones,
+    checking that each model exists."""
     folders = {"base": lambda s: base, "sft": lambda s: sft, "rlaif": lambda s: ppo.seed_folder(policies, s) / "policy"}
-    out = [Run(model, seed, folders[model](seed)) for model in MODELS for seed in params.ppo.seeds]
+    for name, folder in params.evaluate.released.items():
+        if name in MODELS:
+            raise ConfigError(f"evaluate.released.{name}: {name!r} names a trained model; give the released one another name")
+        folders[name] = lambda s, folder=Path(folder): folder
+    out = [Run(model, seed, folders[model](seed)) for model in folders for seed in params.ppo.seeds]
     for run in out:
         if not run.folder.is_dir():
             raise FileNotFoundError(f"{run.name}: {run.folder} does not exist; run the stages before evaluate (dvc repro)")
@@ -76,7 +81,7 @@ def load(run: Run, params: Params):
 def _fingerprint(run: Run, params: Params, prepared: Path) -> str:
     """What a run's answers depend on: the code that writes them, the decoding, the sets and the model."""
     code = [Path(m.__file__) for m in (sys.modules[__name__], benchmark, evaluation, generation, modeling)]
-    settings = {"seed": run.seed, "decoding": {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k != "judge"},
+    settings = {"seed": run.seed, "decoding": {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k not in ("judge", "released")},
                 "num_frames": params.data.num_frames}
     files = [p for p in sorted(run.folder.rglob("*")) if p.is_file()]
     small = [p for p in files if p.stat().st_size <= LARGE_FILE]
@@ -165,10 +170,11 @@ def run(params: Params, prepared: Path = Path("artifacts/prepare"), out: Path = 
     """Evaluate every run; graded answers to out/<model>/seed-N.json; returns the stage's metrics."""
     sets = BenchmarkSets.load(prepared, params.evaluate.num_samples)
     grader, world = judge(params, prepared, checkpoints), scenes(prepared)
-    results: dict[str, dict] = {m: {"seeds": {}} for m in MODELS}
+    evaluated = runs(params, **models)
+    results: dict[str, dict] = {each.model: {"seeds": {}} for each in evaluated}
     judges: set[str] = set()
     with io.atomic_dir(out) as tmp:
-        for each in runs(params, **models):
+        for each in evaluated:
             answers = answer(each, params, sets, prepared, checkpoints, progress)
             judged = benchmark.judge_answers(sets, answers, grader, progress=progress)
             summary = benchmark.summarise(judged)

@@ -26,6 +26,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from vlm_rlaif import video_chatgpt
 from vlm_rlaif.config import LoraConfig
 from vlm_rlaif.errors import InputError
 
@@ -33,6 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 RELEASE_PLACEHOLDER = "<image>"  # the VLM-RLAIF / LLaVA release marks the visual input this way
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+video_chatgpt.register()  # converted releases load by path like any other base
 
 
 class ModelLoadError(InputError):
@@ -93,7 +95,8 @@ def load_model_and_processor(
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """(model, processor) for a llava_next_video or qwen2_5_vl checkpoint, safetensors only.
+    """(model, processor) for a llava_next_video, video_chatgpt_llava (a converted release) or
+    qwen2_5_vl checkpoint, safetensors only.
 
     Custom modelling code is refused unless `trust_remote_code` is set; the transformers
     prompt that would otherwise ask on stdin never appears. A 4-bit model loads onto this
@@ -114,6 +117,8 @@ def load_model_and_processor(
                 f"{name_or_path}: needs its own modelling code; set trust_remote_code (base.trust_remote_code) only if you trust it"
             ) from None
         raise ModelLoadError(f"{name_or_path}: cannot read the model config: {e}") from None
+    if hasattr(config, "mm_projector_type"):
+        raise ModelLoadError(f"{name_or_path}: a checkpoint in the original LLaVA layout; convert it first (python -m vlm_rlaif.convert)")
     try:
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

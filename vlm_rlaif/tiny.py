@@ -8,6 +8,7 @@ result is saved with `save_pretrained`, so every later stage loads it by path ex
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -39,8 +40,7 @@ SPATIAL_POOL_STRIDE = 2
 # Vicuna v1 layout: "<s>USER: <video>\n{question} ASSISTANT: {answer}</s>USER: ...".
 # The answer and its "</s>" belong to the assistant (the model learns to stop); the
 # {% generation %} markers let `apply_chat_template(return_assistant_tokens_mask=True)` see that too.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+_TURNS = (
     "{% for message in messages %}"
     "{% if message['content'] is string %}"
     "{% set parts = [{'type': 'text', 'text': message['content']}] %}"
@@ -63,6 +63,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+
+
+def vicuna_template(system: str = "") -> str:
+    """The Vicuna v1 chat template, opening with `system` (and a space) when one is given:
+    the released VLM-RLAIF models were trained behind a system line, the tiny model without."""
+    opening = "{{ bos_token }}" + ("{{ " + json.dumps(system + " ") + " }}" if system else "")
+    return opening + _TURNS
+
+
+CHAT_TEMPLATE = vicuna_template()
 ROLE_MARKERS = "USER: ASSISTANT:"
 
 
