@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
 
 from vlm_rlaif import sft
 from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator
-from vlm_rlaif.config import ConfigError, SFTConfig, load_params
+from vlm_rlaif.config import ConfigError, LoraConfig, SFTConfig, load_params
 from vlm_rlaif.data import SFTRecord, Turn, read_sft
 from vlm_rlaif.modeling import add_lora, load_model_and_processor
 
@@ -106,6 +107,45 @@ def test_collator_puts_the_loss_on_the_answer_only(built):
     assert batch["labels"].shape == batch["input_ids"].shape
     with pytest.raises(ValueError, match="max_length 10 cuts into the 16 visual tokens"):
         VideoConversationCollator(processor, built / "data/videos", num_frames=4, max_length=10)([record])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_fused_loss_equals_the_models_own_loss_and_gradients(built, tmp_path, lora):
+    model, processor = load_model_and_processor(built / "artifacts/base")
+    if lora:
+        model = add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    records = [read_sft(built / f"artifacts/prepare/sft_{split}.json").records[0] for split in ("easy", "hard")]
+    batch = VideoConversationCollator(processor, built / "data/videos", num_frames=4, max_length=512)(records)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, average_tokens_across_devices=False)
+    trainer = sft.CheckpointTrainer(model=model, args=args, schedule=lambda step: 1.0)
+    fused_calls = []
+    real = sft.logprobs.labelled_logprob_sum
+    sft.logprobs.labelled_logprob_sum = lambda *a, **k: fused_calls.append(1) or real(*a, **k)
+    try:
+        for items in (None, torch.tensor(50)):  # a per-batch mean, and a sum over the accumulated batch's 50 tokens
+            losses, grads = [], []
+            for compute in (trainer.compute_loss, lambda *a, **k: Trainer.compute_loss(trainer, *a, **k)):
+                model.zero_grad()
+                loss = compute(model, dict(batch), num_items_in_batch=items)
+                loss.backward()
+                losses.append(loss.detach())
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            assert torch.allclose(losses[0], losses[1], rtol=1e-5), losses
+            assert grads[0].keys() == grads[1].keys() and grads[0]
+            assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6) for n in grads[0])
+    finally:
+        sft.logprobs.labelled_logprob_sum = real
+    assert len(fused_calls) == 2
+
+
+def test_a_head_an_engine_shards_or_with_a_bias_takes_the_models_own_loss():
+    head = torch.nn.Linear(8, 32, bias=False)
+    owner = type("Owner", (), {"get_output_embeddings": lambda self: head})()
+    assert sft.full_head_weight(owner) is head.weight
+    head.weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves outside the forward pass
+    assert sft.full_head_weight(owner) is None
+    head.weight, head.bias = torch.nn.Parameter(torch.zeros(32, 8)), torch.nn.Parameter(torch.zeros(32))
+    assert sft.full_head_weight(owner) is None
 
 
 def _params_file(root: Path, **sft_overrides) -> Path:

@@ -13,6 +13,10 @@ The backward recomputes each chunk's logits, overwrites them in place with their
 (d log p_t / dz = onehot_t - p, d H / dz = -p (log p + H)) and multiplies back through the
 weight. Peak extra memory is one chunk of logits, whatever the batch.
 
+SFT's loss goes the same way (`labelled_logprob_sum`): the hidden states of the assistant's
+tokens and the head's weight, never the [batch, length, vocabulary] logits the model's own
+loss would build and upcast.
+
 The row pass is a Triton kernel on CUDA (`vlm_rlaif.kernels`) and the same maths in torch
 elsewhere; `backend="auto"` picks. Results match the model's own head followed by a float32
 log-softmax within float rounding (tests/test_logprobs.py).
@@ -135,3 +139,14 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
             raise ValueError(f"token_logprobs: target ids must lie in [0, {weight.shape[0]}), got [{low}, {high}]")
     logp, entropy = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, flat.contiguous(), chunk_rows, backend)
     return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+def labelled_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(next token) over the labelled positions, their count): a causal language
+    model's loss numerator and denominator from hidden states [B, L, H] and labels [B, L]
+    (`ignore_index` where unlabelled), shifted as the model's own loss shifts them."""
+    targets = labels[:, 1:]
+    keep = targets != ignore_index
+    logp, _ = token_logprobs(hidden[:, :-1][keep], weight, targets[keep], **options)
+    return logp.sum(), keep.sum()

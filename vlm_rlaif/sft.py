@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
-from vlm_rlaif import collate, data, io, modeling, stage, video
+from vlm_rlaif import collate, data, io, logprobs, modeling, stage, video
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.config import BaseConfig, ConfigError, Params, SFTConfig
 from vlm_rlaif.data import SFTRecord, read_sft
@@ -177,17 +177,53 @@ def fingerprint(params: Params, files: Sequence[Path], base: Path) -> str:
     return io.run_stamp(code, settings, files, [base])
 
 
-class CheckpointTrainer(Trainer):
-    """Trainer whose resume reads full-model checkpoints through `from_pretrained`.
+def full_head_weight(model) -> torch.Tensor | None:
+    """The output head's whole [vocabulary, hidden] weight, or None where the fused loss cannot
+    read it: a head with a bias, or one an engine shards outside the forward pass (ZeRO-3
+    leaves an empty tensor, FSDP a flat shard or a DTensor)."""
+    head = model.get_output_embeddings()
+    weight = head.weight
+    if getattr(head, "bias", None) is not None or type(weight.data).__name__ == "DTensor":
+        return None
+    return weight if tuple(weight.shape) == (head.out_features, head.in_features) else None
 
-    `save_pretrained` writes LLaVA-NeXT-Video weights under the hub's key names, which
-    Trainer's own loader (a raw `load_state_dict`) does not map back: it would warn about
+
+class CheckpointTrainer(Trainer):
+    """Trainer with the fused language-model loss, whose resume reads full-model checkpoints
+    through `from_pretrained`.
+
+    The loss: the model runs through its (engine-wrapped) forward with `logits_to_keep=1`,
+    the language model's final hidden states are taken on the way by a hook, and
+    `logprobs.labelled_logprob_sum` turns the labelled ones into the loss chunk by chunk; the
+    [batch, length, vocabulary] float32 logits of the model's own loss never exist. Same
+    value and normalisation as the model's loss (tests/test_sft.py); the model's own loss
+    where the head's weight is sharded (`full_head_weight`).
+
+    Resume: `save_pretrained` writes LLaVA-NeXT-Video weights under the hub's key names,
+    which Trainer's own loader (a raw `load_state_dict`) does not map back: it would warn about
     missing keys and go on from the base weights. Adapter checkpoints keep Trainer's loader.
     """
 
     def __init__(self, *args, schedule: Callable[[int], float], **kwargs):
         super().__init__(*args, **kwargs)
         self.schedule = schedule
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        weight = full_head_weight(unwrapped)
+        if weight is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        hidden: list[torch.Tensor] = []
+        hook = unwrapped.get_decoder().register_forward_hook(lambda module, args, output: hidden.append(output.last_hidden_state))
+        try:
+            model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1)
+        finally:
+            hook.remove()
+        total, count = logprobs.labelled_logprob_sum(hidden[-1], weight, inputs["labels"].to(hidden[-1].device), collate.IGNORE_INDEX)
+        loss = -total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every process's tokens; DDP averages
+        return loss
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The curriculum's own schedule (`stage_schedule`) in place of Trainer's single one."""
