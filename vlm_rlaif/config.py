@@ -40,6 +40,14 @@ def unit() -> dict:
     return _check(0, 1)
 
 
+Scheduler = Literal["constant", "cosine", "linear"]  # each after its stage's warmup
+
+
+def transformers_scheduler(kind: Scheduler) -> str:
+    """transformers' name for a stage's `lr_scheduler`: its "constant" would skip the warmup."""
+    return {"constant": "constant_with_warmup"}.get(kind, kind)
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -176,7 +184,7 @@ class SFTConfig:
     epochs: float = field(default=1.0, metadata=positive())
     easy_epochs: float | None = field(default=None, metadata=positive())
     learning_rate: float = field(default=1e-4, metadata=positive())
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    lr_scheduler: Scheduler = "cosine"
     warmup_ratio: float = field(default=0.03, metadata=_check(0, 1))
     batch_size: int = field(default=8, metadata=positive())
     grad_accum: int = field(default=1, metadata=positive())
@@ -230,7 +238,7 @@ class RewardModelConfig:
     base: str | None = None
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=64, alpha=16, dropout=0.0))
     learning_rate: float = field(default=2e-5, metadata=positive())
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    lr_scheduler: Scheduler = "constant"
     warmup_ratio: float = field(default=0.03, metadata=_check(0, 1))
     epochs: float = field(default=1.0, metadata=positive())
     batch_size: int = field(default=2, metadata=positive())
@@ -255,7 +263,7 @@ class PPOConfig:
     policy_init_batch_size: int = field(default=4, metadata=positive())
     policy_lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=64, alpha=16, dropout=0.0))
     learning_rate: float = field(default=3e-5, metadata=positive())
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    lr_scheduler: Scheduler = "cosine"
     warmup_steps: int = field(default=5, metadata=non_negative())
     num_prompts: int | None = field(default=None, metadata=positive())
     rollout_batch_size: int = field(default=256, metadata=positive())

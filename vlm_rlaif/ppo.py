@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler
 
 from vlm_rlaif import io, policy, ppo_math, rollout, stage
-from vlm_rlaif.config import ConfigError, Params
+from vlm_rlaif.config import ConfigError, Params, transformers_scheduler
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.data import RLPrompt, SFTRecord, read_rl_prompts, read_sft
 from vlm_rlaif.modeling import save_processor
@@ -58,8 +58,9 @@ def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Acc
     values = models.values(**rows)
     vf_loss, vf_stats = ppo_math.value_loss(values, batch.values.to(models.device), batch.returns.to(models.device), mask, cfg.value_clip)
     accelerator.backward(cfg.vf_coef * vf_loss)
-    average_gradients(models.trainable_parameters(), accelerator)
-    grad_norm = accelerator.clip_grad_norm_(models.trainable_parameters(), cfg.max_grad_norm)
+    trained = models.trainable_parameters()
+    average_gradients(trained, accelerator)
+    grad_norm = accelerator.clip_grad_norm_(trained, cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -179,8 +180,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
 
     models.to(accelerator.device)
     optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
-    kind = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * cfg.ppo_epochs * minibatches)
+    scheduler = get_scheduler(transformers_scheduler(cfg.lr_scheduler), optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * cfg.ppo_epochs * minibatches)
 
     init_file = prepared / "policy_init.json"
     if cfg.policy_init and not init_file.is_file():

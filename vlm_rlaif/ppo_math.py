@@ -35,8 +35,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     `shift_mean` is off); zero where masked. The moments are the whole rollout's: over every
     process of a data-parallel run."""
     mask = mask.to(x.dtype)
-    count = summed_over_processes(mask.sum()).clamp(min=1)
-    mean = summed_over_processes((x * mask).sum()) / count
+    count, total = summed_over_processes(torch.stack([mask.sum(), (x * mask).sum()]))
+    count = count.clamp(min=1)
+    mean = total / count
     variance = summed_over_processes(((x - mean) ** 2 * mask).sum()) / count
     out = (x - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:

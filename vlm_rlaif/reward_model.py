@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments, set_seed
 
 from vlm_rlaif import data, io, modeling, prompts as prompt_files, stage, video
-from vlm_rlaif.config import ConfigError, Params, RewardModelConfig
+from vlm_rlaif.config import ConfigError, Params, RewardModelConfig, transformers_scheduler
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
@@ -297,7 +297,7 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+        lr_scheduler_type=transformers_scheduler(cfg.lr_scheduler),
         warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
         logging_steps=max(1, total_steps // 100),
         save_strategy="steps",
