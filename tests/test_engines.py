@@ -47,6 +47,8 @@ def test_the_launch_command_carries_processes_machines_and_engine(monkeypatch):
     assert flags == {"--config_file": "configs/accelerate/zero3.yaml", "--num_processes": "16", "--num_machines": "2",
                      "--machine_rank": "1", "--main_process_ip": "10.0.0.1", "--main_process_port": "29555"}
     assert command[-5:] == ["-m", "vlm_rlaif", "sft", "--params", "p.yaml"]
+    relayed = stage.launch_command(params, "reward_model", 2, "p.yaml", paths={"out": Path("rm_out")})
+    assert relayed[-6:] == ["-m", "vlm_rlaif", "reward_model", "--params", "p.yaml", f"--path=out={ROOT / 'rm_out'}"]
     assert "configs/accelerate/ddp.yaml" in stage.launch_command(params, "ppo", 2, "p.yaml", accelerate_config="configs/accelerate/ddp.yaml")
 
     with pytest.raises(ConfigError, match=r"launch\.accelerate_config: configs/accelerate/zero4\.yaml does not exist"):
@@ -165,7 +167,18 @@ def test_two_processes_judge_what_one_process_judges(two_process_project, monkey
                               shards=tmp_path / "one_shards", progress=False)
     finally:
         torch.set_num_threads(threads)
-    two = preferences.run(_two_process_params(root, monkeypatch, preferences={**settings, "num_processes": 2}))
+    two = preferences.run(_two_process_params(root, monkeypatch, preferences={**settings, "num_processes": 2}),
+                          out=tmp_path / "two", shards=tmp_path / "two_shards")  # every process writes where the caller asked
     assert one == two and two["prompts"] == 4
-    assert (root / preferences.OUT / "judged.json").read_text() == (tmp_path / "one" / "judged.json").read_text()
+    assert (tmp_path / "two" / "judged.json").read_text() == (tmp_path / "one" / "judged.json").read_text()
+    assert not (root / preferences.OUT / "counts.json").exists()  # the default folder holds only the hand-made pairs
+
+
+def test_a_path_the_stage_does_not_take_is_a_usage_error(capsys):
+    from vlm_rlaif.__main__ import main
+
+    for given, said in (("outdir=x", "--path outdir: the preferences stage takes ["), ("out", "--path 'out': expected NAME=PATH")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["preferences", f"--path={given}"])
+        assert stopped.value.code == 2 and said in capsys.readouterr().err
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 # stage -> (module, function of Params) run in this process; a training stage's function is
@@ -35,11 +37,29 @@ def stage_function(name: str) -> Callable[[Any], Any]:
     return getattr(importlib.import_module(f"vlm_rlaif.{module}"), function)
 
 
+def stage_paths(parser: argparse.ArgumentParser, stage: str, given: list[str]) -> dict[str, Path]:
+    """--path NAME=PATH arguments as the stage function's keyword arguments; a malformed one,
+    or a name the function does not take, stops with a usage error."""
+    accepted = set(inspect.signature(stage_function(stage)).parameters) - {"params"}
+    paths = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            parser.error(f"--path {item!r}: expected NAME=PATH")
+        if name not in accepted:
+            parser.error(f"--path {name}: the {stage} stage takes {sorted(accepted)}")
+        paths[name] = Path(value)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_rlaif", description="Run one stage of the VLM-RLAIF pipeline in this process.")
     parser.add_argument("stage", choices=list(STAGES))
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml of the repo)")
+    parser.add_argument("--path", action="append", default=[], metavar="NAME=PATH",
+                        help="a path argument of the stage's function in place of its default (repeatable)")
     args = parser.parse_args(argv)
+    paths = stage_paths(parser, args.stage, args.path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from vlm_rlaif import stage
@@ -49,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"python -m vlm_rlaif {args.stage}"
     try:
         params = stage.setup(os.path.abspath(args.params))
-        stage_function(args.stage)(params)
+        stage_function(args.stage)(params, **paths)
     except (InputError, FileNotFoundError) as e:  # a missing input names itself: "run the prepare stage first"
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2

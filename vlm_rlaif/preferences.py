@@ -182,12 +182,14 @@ def preference_record(judged: Mapping) -> PreferenceRecord:
 # --------------------------------------------------------------------------- the stage
 
 
-def run(params: Params, *, out: Path = OUT, **paths) -> dict:
-    """The preferences stage: `judge_prompts` in this process, or in `preferences.num_processes`
-    processes (each judges every n-th shard; the draws are the same either way); returns the
-    counts: prompts, pairs drawn again, kept, and dropped per reason."""
-    stage.launch(params, "preferences", params.preferences.num_processes, lambda: judge_prompts(params, out=out, **paths))
-    return io.read_json(out / "counts.json")
+def run(params: Params, *, progress: bool = True, **paths: Path) -> dict:
+    """The preferences stage: `judge_prompts` (with `paths` in place of its default paths) in
+    this process, or in `preferences.num_processes` processes (each judges every n-th shard;
+    the draws are the same either way); returns the counts: prompts, pairs drawn again, kept,
+    and dropped per reason."""
+    stage.launch(params, "preferences", params.preferences.num_processes, lambda: judge_prompts(params, progress=progress, **paths),
+                 paths=paths)
+    return io.read_json(paths.get("out", OUT) / "counts.json")
 
 
 def judge_prompts(

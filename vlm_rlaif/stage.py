@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import yaml
@@ -64,11 +64,13 @@ def processes() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def launch_command(params: Params, stage: str, num_processes: int, params_file: str | Path, accelerate_config: str | None = None) -> list[str]:
+def launch_command(params: Params, stage: str, num_processes: int, params_file: str | Path, accelerate_config: str | None = None,
+                   paths: Mapping[str, Path] | None = None) -> list[str]:
     """`accelerate launch` of `python -m vlm_rlaif <stage>` in `num_processes` processes (over
     every machine of `launch`), with the engine of `launch.accelerate_config` unless the stage
-    names its own. The same command, with its `--machine_rank`, starts the stage on the other
-    machines of a multi-node run (README, Paper scale)."""
+    names its own, and the stage function's path arguments `paths` (absolute: the processes
+    may start elsewhere). The same command, with its `--machine_rank`, starts the stage on
+    the other machines of a multi-node run (README, Paper scale)."""
     cfg = params.launch
     config = accelerate_config or cfg.accelerate_config
     if not Path(config).is_file():
@@ -79,20 +81,24 @@ def launch_command(params: Params, stage: str, num_processes: int, params_file: 
         command += ["--main_process_ip", cfg.main_process_ip]
     if cfg.main_process_port:
         command += ["--main_process_port", str(cfg.main_process_port)]
-    return command + ["-m", "vlm_rlaif", stage, "--params", str(params_file)]
+    relayed = [f"--path={name}={Path(path).absolute()}" for name, path in (paths or {}).items()]
+    return command + ["-m", "vlm_rlaif", stage, "--params", str(params_file), *relayed]
 
 
-def launch(params: Params, stage: str, num_processes: int, here: Callable[[], Any], accelerate_config: str | None = None) -> None:
+def launch(params: Params, stage: str, num_processes: int, here: Callable[[], Any], accelerate_config: str | None = None,
+           paths: Mapping[str, Path] | None = None) -> None:
     """Run a training stage: `here()` in this process when `num_processes` is 1, else
-    `launch_command`'s processes, each running the stage with its default paths. Their output
-    comes through as it is written; a process stopped by bad input raises its message here."""
+    `launch_command`'s processes, each running the stage's function with `paths` (those
+    `here` passes it; the function's defaults for the rest). Their output comes through as it
+    is written; a process stopped by bad input raises its message here."""
     if num_processes == 1:
         here()
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
         io.write_text(path, yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
-        status, errors = _relay(launch_command(params, stage, num_processes, path, accelerate_config), f"python -m vlm_rlaif {stage}: error: ")
+        command = launch_command(params, stage, num_processes, path, accelerate_config, paths)
+        status, errors = _relay(command, f"python -m vlm_rlaif {stage}: error: ")
     if errors:
         raise InputError(f"{stage} ({num_processes} processes): {errors[0]}")
     if status:
