@@ -199,3 +199,16 @@ def test_loading_an_unconverted_release_says_to_convert_it(tmp_path):
     original_checkpoint(tmp_path / "checkpoint")
     with pytest.raises(modeling.ModelLoadError, match="original LLaVA layout; convert it first"):
         modeling.load_model_and_processor(tmp_path / "checkpoint")
+
+
+def test_a_vision_tower_saved_in_the_checkpoint_replaces_the_clip_folders(tmp_path):
+    """LLaVA saves the tower under model.vision_tower.vision_tower.* when it was tuned with the model."""
+    original_checkpoint(tmp_path / "checkpoint")
+    clip = clip_folder(tmp_path / "clip")
+    tuned = {f"model.vision_tower.vision_tower.{k}": v + 1.0 for k, v in clip.state_dict().items() if k.startswith("vision_model.")}
+    save_file({k: v.contiguous() for k, v in tuned.items()}, tmp_path / "checkpoint" / "tower.safetensors")
+    model, _ = modeling.load_model_and_processor(convert(tmp_path / "checkpoint", tmp_path / "out", tmp_path / "clip"))
+    ours = model.model.vision_tower.state_dict()
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    assert ours.keys() == {k.removeprefix(prefix) for k in tuned}
+    assert all(torch.equal(ours[k.removeprefix(prefix)], v) for k, v in tuned.items())
