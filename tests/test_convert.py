@@ -21,6 +21,7 @@ from vlm_rlaif.video_chatgpt import pool_spatio_temporal
 
 WORDS = "a red ball rolls left while the blue square waits near the top of the frame then fades out slowly".split()
 SIDE, PATCH, VISION_WIDTH, WIDTH = 32, 8, 16, 32
+ROPE_THETA = 20000.0  # not Llama's default: the converted model must carry it over
 CHECKS = {"mm_projector_type": "mlp2x_gelu", "mm_use_im_start_end": False, "mm_vision_select_feature": "patch"}
 
 
@@ -33,8 +34,8 @@ def original_checkpoint(folder, shard_format="safetensors"):
     )
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=ROPE_THETA)
     llama = LlamaForCausalLM(text)
     weights = dict(llama.state_dict())
     weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # as older Llama checkpoints carry it
@@ -49,7 +50,8 @@ def original_checkpoint(folder, shard_format="safetensors"):
             save_file(shard, folder / f"model-0000{i}-of-00002.safetensors")
         else:
             torch.save(shard, folder / f"pytorch_model-0000{i}-of-00002.bin")
-    config = {**text.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "mm_hidden_size": VISION_WIDTH,
+    legacy = {k: v for k, v in text.to_dict().items() if k != "rope_parameters"} | {"rope_theta": ROPE_THETA, "rope_scaling": None}
+    config = {**legacy, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "mm_hidden_size": VISION_WIDTH,
               "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14-336", **CHECKS}
     (folder / "config.json").write_text(json.dumps(config))
     return llama, weights
@@ -99,6 +101,7 @@ def test_the_converted_model_computes_what_the_original_does(converted):
     root, llama, weights, clip, out = converted
     model, processor = modeling.load_model_and_processor(out)
     assert type(model).__name__ == "VideoChatGPTLlavaForConditionalGeneration"
+    assert model.config.text_config.rope_parameters["rope_theta"] == ROPE_THETA
     batch = modeling.build_inputs(processor, [video()], [ASK], add_generation_prompt=True)
     ids = batch["input_ids"][0]
     video_id = model.config.video_token_index

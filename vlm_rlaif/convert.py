@@ -55,7 +55,8 @@ CLIP_KEYS = (("vision_model.", "model.vision_tower."),)
 CLIP_UNUSED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 ROTARY_BUFFER = "rotary_emb.inv_freq"  # older Llama checkpoints saved it; it is recomputed
 LLAMA_SETTINGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "rms_norm_eps", "max_position_embeddings", "rope_theta", "hidden_act", "vocab_size", "attention_bias")
+                  "rms_norm_eps", "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
+                  "vocab_size", "attention_bias")
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # LLaVA's mm_vision_select_feature -> transformers' strategy
 
 
@@ -164,7 +165,7 @@ def grown(table: torch.Tensor, rows: int) -> torch.Tensor:
 def model_config(original: dict, vision, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> VideoChatGPTLlavaConfig:
     if original["mm_hidden_size"] != vision.hidden_size:
         raise ConversionError(f"config.json: mm_hidden_size {original['mm_hidden_size']} but the vision tower's width is {vision.hidden_size}")
-    text = LlamaConfig(**{k: original[k] for k in LLAMA_SETTINGS if k in original})
+    text = LlamaConfig(**{k: original[k] for k in LLAMA_SETTINGS if original.get(k) is not None})
     text.vocab_size = len(tokenizer)
     text.bos_token_id, text.eos_token_id, text.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     patches = (vision.image_size // vision.patch_size) ** 2
