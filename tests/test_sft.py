@@ -220,3 +220,22 @@ def test_two_processes_train_one_model(built, monkeypatch):
     info = json.loads((out / "curriculum.json").read_text())
     assert info["total_steps"] == -(-info["examples"] // (PARAMS["sft"]["batch_size"] * 2))
     load_model_and_processor(out)
+
+
+def test_a_converted_release_trains_as_a_base(built, monkeypatch, tmp_path):
+    """A released checkpoint after `vlm_rlaif.convert` is tuned like any base: LoRA on its
+    language model, its vision tower untouched, saved merged as the same architecture."""
+    from test_convert import clip_folder, original_checkpoint
+    from vlm_rlaif.convert import convert
+
+    monkeypatch.chdir(built)
+    original_checkpoint(tmp_path / "checkpoint")
+    clip_folder(tmp_path / "clip")
+    release = convert(tmp_path / "checkpoint", tmp_path / "release", tmp_path / "clip")
+    params = load_params(_params_file(built, lora={"r": 4, "alpha": 8, "dropout": 0.0}, epochs=0.1))
+    out = sft.train(params, base=release, out=tmp_path / "sft", checkpoints=tmp_path / "ckpt")
+    model, _ = load_model_and_processor(out)
+    assert type(model).__name__ == "VideoChatGPTLlavaForConditionalGeneration"
+    before, after = load_file(release / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(after[n], before[n]) for n in before if "language_model" in n and n.endswith("q_proj.weight"))
+    assert all(torch.equal(after[n], before[n]) for n in before if "vision_tower" in n)
