@@ -100,15 +100,20 @@ def test_a_released_checkpoint_converted_from_the_original_layout_is_evaluated_b
     monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
     assert evaluate.run(params, progress=False) == metrics  # the trained models' answers as `evaluated` left them
     loads.clear()
-    overrides = {"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE | {"released": {"vlm-rlaif-7b": str(folder)}}}
+    frames = []
+    answer_sets = evaluate.benchmark.answer_sets
+    monkeypatch.setattr(evaluate.benchmark, "answer_sets", lambda *a, **k: frames.append(k["num_frames"]) or answer_sets(*a, **k))
+    released = {"vlm-rlaif-7b": {"path": str(folder), "num_frames": params.data.num_frames + 2}}  # its own frame count
+    overrides = {"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE | {"released": released}}
     with_released = evaluate.run(load_params("params.yaml", overrides=overrides), out=Path("with-released"), progress=False)
     assert loads == ["vlm-rlaif-7b/seed-0", "vlm-rlaif-7b/seed-1"]  # the trained models' answers are reused
+    assert frames and set(frames) == {params.data.num_frames + 2}
     assert list(with_released["models"]) == ["base", "sft", "rlaif", "vlm-rlaif-7b"]
     assert all(with_released["models"][m] == metrics["models"][m] for m in evaluate.MODELS)
     released = with_released["models"]["vlm-rlaif-7b"]
     assert set(released["seeds"]) == {0, 1} and all(0.0 <= row["mean"] <= 5.0 for row in released["seeds"].values())
     assert "| vlm-rlaif-7b |" in analysis.main_table(with_released)
-    clash = load_params("params.yaml", overrides={"evaluate": {"released": {"sft": str(folder)}}})
+    clash = load_params("params.yaml", overrides={"evaluate": {"released": {"sft": {"path": str(folder)}}}})
     with pytest.raises(ConfigError, match="evaluate.released.sft: 'sft' names a trained model"):
         evaluate.runs(clash)
 

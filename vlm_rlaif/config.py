@@ -317,15 +317,22 @@ class JudgeConfig:
 
 
 @dataclass
+class ReleasedModel:
+    """A model evaluated beside ours: a release converted with `python -m vlm_rlaif.convert`,
+    or any model folder the package loads, read at its own frame count if it has one."""
+
+    path: str
+    num_frames: int | None = field(default=None, metadata=positive())  # None: data.num_frames
+
+
+@dataclass
 class EvaluateConfig:
     temperature: float = field(default=0.2, metadata=non_negative())
     max_new_tokens: int = field(default=512, metadata=positive())
     num_samples: int | None = field(default=None, metadata=positive())
     batch_size: int = field(default=16, metadata=positive())
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    # name -> folder of a model evaluated beside base, SFT and RLAIF: a released checkpoint
-    # converted with `python -m vlm_rlaif.convert`, or any model folder the package loads
-    released: dict[str, str] = field(default_factory=dict)
+    released: dict[str, ReleasedModel] = field(default_factory=dict)  # by the name its rows carry
 
 
 @dataclass

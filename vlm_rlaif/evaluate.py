@@ -45,6 +45,7 @@ class Run:
     model: str
     seed: int
     folder: Path  # the model, or for RLAIF the policy adapter on the SFT model
+    num_frames: int  # frames a video is read at
 
     @property
     def name(self) -> str:
@@ -54,12 +55,15 @@ class Run:
 def runs(params: Params, base: Path = Path("artifacts/base"), sft: Path = Path("artifacts/sft"), policies: Path = ppo.OUT) -> list[Run]:
     """Every (model, seed) the stage evaluates, the released models after the trained ones,
     checking that each model exists."""
+    frames = params.data.num_frames
     folders = {"base": lambda s: base, "sft": lambda s: sft, "rlaif": lambda s: ppo.seed_folder(policies, s) / "policy"}
-    for name, folder in params.evaluate.released.items():
+    read_at = dict.fromkeys(folders, frames)
+    for name, released in params.evaluate.released.items():
         if name in MODELS:
             raise ConfigError(f"evaluate.released.{name}: {name!r} names a trained model; give the released one another name")
-        folders[name] = lambda s, folder=Path(folder): folder
-    out = [Run(model, seed, folders[model](seed)) for model in folders for seed in params.ppo.seeds]
+        folders[name] = lambda s, folder=Path(released.path): folder
+        read_at[name] = released.num_frames or frames
+    out = [Run(model, seed, folders[model](seed), read_at[model]) for model in folders for seed in params.ppo.seeds]
     for run in out:
         if not run.folder.is_dir():
             raise FileNotFoundError(f"{run.name}: {run.folder} does not exist; run the stages before evaluate (dvc repro)")
@@ -82,7 +86,7 @@ def _fingerprint(run: Run, params: Params, prepared: Path) -> str:
     """What a run's answers depend on: the code that writes them, the decoding, the sets and the model."""
     code = [Path(m.__file__) for m in (sys.modules[__name__], benchmark, evaluation, generation, modeling)]
     settings = {"seed": run.seed, "decoding": {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k not in ("judge", "released")},
-                "num_frames": params.data.num_frames}
+                "num_frames": run.num_frames}
     files = [p for p in sorted(run.folder.rglob("*")) if p.is_file()]
     small = [p for p in files if p.stat().st_size <= LARGE_FILE]
     return io.run_stamp(code, settings, [*sorted((prepared / "eval").glob("*.json")), *small], [run.folder])
@@ -104,7 +108,7 @@ def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkp
             model, processor = load(run, params)
         torch.manual_seed(run.seed * 1_000 + index)
         answers[key] = benchmark.answer_sets(
-            model, processor, sets, only=[key], video_root=params.data.eval_video_root, num_frames=params.data.num_frames,
+            model, processor, sets, only=[key], video_root=params.data.eval_video_root, num_frames=run.num_frames,
             max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature,
             batch_size=params.evaluate.batch_size, progress=progress,
         )[key]
