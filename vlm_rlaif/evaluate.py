@@ -56,14 +56,14 @@ def runs(params: Params, base: Path = Path("artifacts/base"), sft: Path = Path("
     """Every (model, seed) the stage evaluates, the released models after the trained ones,
     checking that each model exists."""
     frames = params.data.num_frames
-    folders = {"base": lambda s: base, "sft": lambda s: sft, "rlaif": lambda s: ppo.seed_folder(policies, s) / "policy"}
-    read_at = dict.fromkeys(folders, frames)
+    # model -> (its folder under seed s, the frames it reads)
+    sources = {"base": (lambda s: base, frames), "sft": (lambda s: sft, frames),
+               "rlaif": (lambda s: ppo.seed_folder(policies, s) / "policy", frames)}
     for name, released in params.evaluate.released.items():
         if name in MODELS:
             raise ConfigError(f"evaluate.released.{name}: {name!r} names a trained model; give the released one another name")
-        folders[name] = lambda s, folder=Path(released.path): folder
-        read_at[name] = released.num_frames or frames
-    out = [Run(model, seed, folders[model](seed), read_at[model]) for model in folders for seed in params.ppo.seeds]
+        sources[name] = (lambda s, folder=Path(released.path): folder, released.num_frames or frames)
+    out = [Run(model, seed, folder(seed), read_at) for model, (folder, read_at) in sources.items() for seed in params.ppo.seeds]
     for run in out:
         if not run.folder.is_dir():
             raise FileNotFoundError(f"{run.name}: {run.folder} does not exist; run the stages before evaluate (dvc repro)")
