@@ -3,6 +3,7 @@ the converted model must compute what the original would (CLIP layer -2 without 
 two-layer GELU projector, Video-ChatGPT pooling, Vicuna), load through the package's one
 loading path, and generate; a checkpoint it cannot convert is named with the reason."""
 
+import copy
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -99,6 +101,10 @@ def expected_features(clip, weights, pixels):
 
 def test_the_converted_model_computes_what_the_original_does(converted):
     root, llama, weights, clip, out = converted
+    computes_like_the_original(out, llama, weights, clip)
+
+
+def computes_like_the_original(out, llama, weights, clip):
     model, processor = modeling.load_model_and_processor(out)
     assert type(model).__name__ == "VideoChatGPTLlavaForConditionalGeneration"
     assert model.config.text_config.rope_parameters["rope_theta"] == ROPE_THETA
@@ -119,6 +125,72 @@ def test_the_converted_model_computes_what_the_original_does(converted):
     original_vocab = llama.config.vocab_size
     assert ours.shape[-1] == original_vocab + 2  # <image>, <video>
     assert torch.allclose(ours[:, :original_vocab], reference, atol=1e-4)
+
+
+def test_frames_are_padded_square_in_clips_mean_colour_unless_cropping_is_asked(converted, tmp_path):
+    root, *_, out = converted
+    _, processor = modeling.load_model_and_processor(out)
+    frames = video()  # 40 x 48: four rows of the mean colour above and below once padded
+    padded = np.empty((3, 48, 48, 3), dtype=np.uint8)
+    padded[...] = [122, 116, 104]  # int(255 * OpenAI CLIP's mean)
+    padded[:, 4:44] = frames
+    pixels = modeling.build_inputs(processor, [frames], [ASK], add_generation_prompt=True)["pixel_values_videos"]
+    assert torch.equal(pixels, processor.video_processor(videos=[padded], return_tensors="pt")["pixel_values_videos"])
+    cropping = convert(root / "checkpoint", tmp_path / "crop", root / "clip", system="A test chat.", aspect="crop")
+    _, processor = modeling.load_model_and_processor(cropping)
+    pixels = modeling.build_inputs(processor, [frames], [ASK], add_generation_prompt=True)["pixel_values_videos"]
+    assert torch.equal(pixels, processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"])
+
+
+def lora_release(folder, checkpoint, llama, weights):
+    """A LoRA release as the LLaVA code saves one: a PEFT adapter on every projection of the
+    language model (B not zero: a trained one), the projector retrained beside it in
+    non_lora_trainables.bin, and the model's config.json. Returns the merged Llama and the
+    full checkpoint's weights with that projector."""
+    torch.manual_seed(2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      init_lora_weights=False)
+    peft = get_peft_model(copy.deepcopy(llama), lora)
+    peft.save_pretrained(folder)
+    projector = {f"base_model.model.model.mm_projector.{i}.weight": torch.randn_like(weights[f"model.mm_projector.{i}.weight"]) for i in (0, 2)}
+    torch.save(projector, folder / "non_lora_trainables.bin")
+    shutil.copy(checkpoint / "config.json", folder / "config.json")
+    return peft.merge_and_unload(), weights | {k.removeprefix("base_model.model."): v for k, v in projector.items()}
+
+
+def test_a_lora_release_merged_into_its_base_computes_what_the_merged_original_does(converted, tmp_path):
+    root, llama, weights, clip, _ = converted
+    merged, trained = lora_release(tmp_path / "lora", root / "checkpoint", llama, weights)
+    out = convert(tmp_path / "lora", tmp_path / "converted", root / "clip", base=root / "checkpoint", system="A test chat.")
+    computes_like_the_original(out, merged, trained, clip)
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda lora: _edit_json(lora / "adapter_config.json", use_dora=True), "use_dora is set"),
+    (lambda lora: _edit_json(lora / "adapter_config.json", peft_type="IA3"), "not a LoRA adapter config"),
+    (lambda lora: (lora / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors or adapter_model.bin"),
+    (lambda lora: torch.save({"base_model.model.model.mm_projector.9.weight": torch.zeros(2)}, lora / "non_lora_trainables.bin"),
+     "base_model.model.model.mm_projector.9.weight of shape (2,) replaces no weight"),
+    (lambda lora: _edit_adapter(lora, lambda t: {k.replace("q_proj", "w_proj"): v for k, v in t.items()}), "adapts no weight"),
+    (lambda lora: _edit_adapter(lora, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj.lora_B" not in k}),
+     "layers.1.mlp.up_proj.lora_A.weight has no lora_B"),
+])
+def test_a_lora_release_that_cannot_merge_is_named_and_nothing_is_written(converted, tmp_path, break_it, message):
+    root, llama, weights, *_ = converted
+    lora_release(tmp_path / "lora", root / "checkpoint", llama, weights)
+    break_it(tmp_path / "lora")
+    with pytest.raises(ConversionError, match=re.escape(message)):
+        convert(tmp_path / "lora", tmp_path / "out", root / "clip", base=root / "checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_release_needs_its_base_and_a_full_checkpoint_takes_none(converted, tmp_path):
+    root, llama, weights, *_ = converted
+    lora_release(tmp_path / "lora", root / "checkpoint", llama, weights)
+    with pytest.raises(ConversionError, match="a LoRA adapter; name the full checkpoint it was trained from"):
+        convert(tmp_path / "lora", tmp_path / "out", root / "clip")
+    with pytest.raises(ConversionError, match="base is only for LoRA releases"):
+        convert(root / "checkpoint", tmp_path / "out", root / "clip", base=tmp_path / "lora")
 
 
 def test_pooling_puts_frame_tokens_before_patch_tokens():
@@ -179,8 +251,18 @@ def test_a_vision_tower_that_is_not_clip_is_refused(tmp_path):
 
 
 def _edit_config(folder, **changes):
-    path = folder / "config.json"
+    _edit_json(folder / "config.json", **changes)
+
+
+def _edit_json(path, **changes):
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def _edit_adapter(folder, change):
+    from safetensors.torch import load_file
+
+    path = folder / "adapter_model.safetensors"
+    save_file(change(load_file(path)), path)
 
 
 def _edit_weights(folder, drop=None, add=None):

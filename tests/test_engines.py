@@ -143,17 +143,32 @@ def test_two_processes_run_ppo_and_save_one_policy(two_process_project, monkeypa
     assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # trained from its zero start
 
 
+def test_launch_runs_the_stage_function_here_or_relays_its_paths(monkeypatch, tmp_path):
+    """One process calls the stage's function with every argument; more relay the paths only."""
+    monkeypatch.chdir(ROOT)
+    params = load_params("params.yaml")
+    called = []
+    monkeypatch.setattr(preferences, "judge_prompts", lambda params, **kwargs: called.append(kwargs))
+    stage.launch(params, "preferences", 1, progress=False, out=tmp_path)
+    assert called == [{"progress": False, "out": tmp_path}]
+    commands = []
+    monkeypatch.setattr(stage, "launch_command", lambda *args: commands.append(args) or [sys.executable, "-c", "pass"])
+    stage.launch(params, "preferences", 2, progress=False, out=tmp_path)
+    assert called == [{"progress": False, "out": tmp_path}] and commands[0][1:3] == ("preferences", 2)
+    assert commands[0][-1] == {"out": tmp_path}
+
+
 def test_a_process_stopped_by_bad_input_names_it_in_the_launching_process(monkeypatch, capfd):
     """What `python -m vlm_rlaif` prints for bad input, relayed from a launched process, becomes the launcher's error."""
     monkeypatch.chdir(ROOT)
     said = "import sys; print('step 1', file=sys.stderr); print('python -m vlm_rlaif ppo: error: ppo.query_length 1: no RL prompt', file=sys.stderr); sys.exit(1)"
     monkeypatch.setattr(stage, "launch_command", lambda *args: [sys.executable, "-c", said])
     with pytest.raises(InputError, match=r"^ppo \(2 processes\): ppo.query_length 1: no RL prompt$"):
-        stage.launch(load_params("params.yaml"), "ppo", 2, lambda: None)
+        stage.launch(load_params("params.yaml"), "ppo", 2)
     assert "step 1" in capfd.readouterr().err  # the processes' output came through
     monkeypatch.setattr(stage, "launch_command", lambda *args: [sys.executable, "-c", "raise SystemExit(7)"])
     with pytest.raises(RuntimeError, match=r"ppo: the 2 processes exited with status 7"):
-        stage.launch(load_params("params.yaml"), "ppo", 2, lambda: None)
+        stage.launch(load_params("params.yaml"), "ppo", 2)
 
 
 def test_two_processes_judge_what_one_process_judges(two_process_project, monkeypatch, tmp_path):

@@ -91,7 +91,7 @@ def test_every_stage_runs_under_the_paper_profile_on_a_tiny_stand_in(profile, tm
 
     prepare.run(params)
     base.materialise(params)
-    sft.launch(params)
+    sft.run(params)
     preferences.run(params, progress=False)
     reward_model.run(params, progress=False)
     ppo.run(params)

@@ -212,11 +212,11 @@ def test_qlora_trains_on_a_4bit_base_and_saves_full_precision_weights(built, mon
 
 
 def test_two_processes_train_one_model(built, monkeypatch):
-    """The notebook's path: `launch` starts two CPU processes under the DDP engine's config."""
+    """The notebook's path: `run` starts two CPU processes under the DDP engine's config."""
     monkeypatch.chdir(built)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     params = load_params(_params_file(built, epochs=0.5, num_processes=2))
-    out = sft.launch(params)
+    out = sft.run(params)
     info = json.loads((out / "curriculum.json").read_text())
     assert info["total_steps"] == -(-info["examples"] // (PARAMS["sft"]["batch_size"] * 2))
     load_model_and_processor(out)

@@ -12,49 +12,34 @@ Anything else is a bug and keeps its traceback (status 1).
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
-# stage -> (module, function of Params) run in this process; a training stage's function is
-# what every one of its processes runs.
-STAGES = {
-    "prepare": ("prepare", "run"),
-    "base": ("base", "materialise"),
-    "sft": ("sft", "train"),
-    "preferences": ("preferences", "judge_prompts"),
-    "reward_model": ("reward_model", "train"),
-    "ppo": ("ppo", "train_seeds"),
-    "evaluate": ("evaluate", "run"),
-}
+from vlm_rlaif import stage
+from vlm_rlaif.errors import InputError
+from vlm_rlaif.llm_client import LLMClientError
 
 
-def stage_function(name: str) -> Callable[[Any], Any]:
-    module, function = STAGES[name]
-    return getattr(importlib.import_module(f"vlm_rlaif.{module}"), function)
-
-
-def stage_paths(parser: argparse.ArgumentParser, stage: str, given: list[str]) -> dict[str, Path]:
+def stage_paths(parser: argparse.ArgumentParser, name: str, given: list[str]) -> dict[str, Path]:
     """--path NAME=PATH arguments as the stage function's keyword arguments; a malformed one,
     or a name the function does not take, stops with a usage error."""
-    accepted = set(inspect.signature(stage_function(stage)).parameters) - {"params"}
+    accepted = set(inspect.signature(stage.stage_function(name)).parameters) - {"params"}
     paths = {}
     for item in given:
-        name, sep, value = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not value:
             parser.error(f"--path {item!r}: expected NAME=PATH")
-        if name not in accepted:
-            parser.error(f"--path {name}: the {stage} stage takes {sorted(accepted)}")
-        paths[name] = Path(value)
+        if key not in accepted:
+            parser.error(f"--path {key}: the {name} stage takes {sorted(accepted)}")
+        paths[key] = Path(value)
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_rlaif", description="Run one stage of the VLM-RLAIF pipeline in this process.")
-    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("stage", choices=list(stage.STAGES))
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml of the repo)")
     parser.add_argument("--path", action="append", default=[], metavar="NAME=PATH",
                         help="a path argument of the stage's function in place of its default (repeatable)")
@@ -62,14 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = stage_paths(parser, args.stage, args.path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from vlm_rlaif import stage
-    from vlm_rlaif.errors import InputError
-    from vlm_rlaif.llm_client import LLMClientError
-
     where = f"python -m vlm_rlaif {args.stage}"
     try:
         params = stage.setup(os.path.abspath(args.params))
-        stage_function(args.stage)(params, **paths)
+        stage.stage_function(args.stage)(params, **paths)
     except (InputError, FileNotFoundError) as e:  # a missing input names itself: "run the prepare stage first"
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2

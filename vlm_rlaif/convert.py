@@ -7,8 +7,10 @@ LlavaLlamaForCausalLM: Vicuna's weights under `model.*` and `lm_head`, the proje
 `video_chatgpt_llava` model (vlm_rlaif.video_chatgpt), adds the `<image>` and `<video>`
 tokens the processor expands, and saves a folder `modeling.load_model_and_processor` loads,
 so the published models can be evaluated (evaluate.released) or tuned further like any base.
+The LoRA releases (a PEFT adapter and the LLaVA weights trained beside it) are merged into
+the full checkpoint they were trained from (`--base`), as the release's loader does.
 
-    python -m vlm_rlaif.convert CHECKPOINT OUT --vision-tower CLIP_FOLDER [--system TEXT]
+    python -m vlm_rlaif.convert CHECKPOINT OUT --vision-tower CLIP_FOLDER [--base FULL_CHECKPOINT] [--system TEXT]
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ LLAMA_SETTINGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
                   "rms_norm_eps", "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
                   "vocab_size", "attention_bias")
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # LLaVA's mm_vision_select_feature -> transformers' strategy
+ASPECTS = ("pad", "crop")  # how a non-square frame becomes square: LLaVA's "pad", or the CLIP processor's centre crop
 
 
 class ConversionError(InputError):
@@ -68,11 +71,16 @@ class ConversionError(InputError):
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder: safetensors shards, else pickled .bin shards read
-    with weights_only (plain tensors only; nothing else in the file is executed)."""
+    """Every tensor of a checkpoint folder: its safetensors shards, else its .bin shards."""
     shards = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not shards:
         raise ConversionError(f"{folder}: no *.safetensors or *.bin weights")
+    return read_shards(shards)
+
+
+def read_shards(shards: list[Path]) -> dict[str, torch.Tensor]:
+    """The tensors of weight files; pickled .bin files are read with weights_only (plain
+    tensors only; nothing else in the file is executed)."""
     weights: dict[str, torch.Tensor] = {}
     for shard in shards:
         try:
@@ -89,8 +97,6 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def read_config(folder: Path) -> dict:
     """The checkpoint's config.json, checked for the settings the conversion supports."""
     path = folder / "config.json"
-    if (folder / "adapter_config.json").is_file():
-        raise ConversionError(f"{folder}: a LoRA adapter, not a full model; merge it into its base checkpoint first")
     if not path.is_file():
         raise ConversionError(f"{path}: does not exist; CHECKPOINT must be a LLaVA model folder")
     try:
@@ -139,6 +145,52 @@ def rename(weights: dict[str, torch.Tensor], prefixes: tuple[tuple[str, str], ..
     return out
 
 
+def merge_adapter(weights: dict[str, torch.Tensor], adapter: Path) -> None:
+    """Fold a released LoRA folder into the full checkpoint's `weights` (original names, in
+    place): the weights trained beside the adapter (non_lora_trainables.bin: the projector)
+    replace theirs, then each adapted weight W becomes W + (alpha / r) B A, PEFT's merge."""
+    settings = _adapter_settings(adapter / "adapter_config.json")
+    found = [f for f in (adapter / "adapter_model.safetensors", adapter / "adapter_model.bin") if f.is_file()]
+    if not found:
+        raise ConversionError(f"{adapter}: no adapter_model.safetensors or adapter_model.bin")
+    source, tensors = found[0], read_shards(found[:1])
+    trainables = adapter / "non_lora_trainables.bin"
+    replacing = [(trainables, k, v) for k, v in (read_shards([trainables]) if trainables.is_file() else {}).items()]
+    replacing += [(source, k, v) for k, v in tensors.items() if ".lora_" not in k]  # PEFT's modules_to_save
+    for file, key, tensor in replacing:
+        name = key.removeprefix("base_model.model.")
+        if name not in weights or weights[name].shape != tensor.shape:
+            raise ConversionError(f"{file}: {key} of shape {tuple(tensor.shape)} replaces no weight of the base checkpoint")
+        weights[name] = tensor
+    scale = settings["lora_alpha"] / (settings["r"] ** 0.5 if settings.get("use_rslora") else settings["r"])
+    for key in sorted(k for k in tensors if ".lora_" in k):
+        if ".lora_A." not in key:
+            if key.replace(".lora_B.", ".lora_A.") in tensors:
+                continue
+            raise ConversionError(f"{source}: {key} is not half of a lora_A/lora_B pair, the only LoRA tensors this merge reads")
+        down, up = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
+        name = key.removeprefix("base_model.model.").split(".lora_A.")[0] + ".weight"
+        if up is None:
+            raise ConversionError(f"{source}: {key} has no lora_B beside it")
+        if name not in weights or weights[name].shape != (up.shape[0], down.shape[1]):
+            raise ConversionError(f"{source}: {key} adapts no weight of the base checkpoint ({name} of shape {(up.shape[0], down.shape[1])})")
+        weights[name] = (weights[name].float() + scale * (up.float() @ down.float())).to(weights[name].dtype)
+
+
+def _adapter_settings(path: Path) -> dict:
+    """adapter_config.json, checked for the plain LoRA the releases use."""
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read it: {e}") from None
+    if settings.get("peft_type", "LORA") != "LORA" or not isinstance(settings.get("r"), int) or "lora_alpha" not in settings:
+        raise ConversionError(f"{path}: not a LoRA adapter config (peft_type LORA with r and lora_alpha)")
+    for key in ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern"):
+        if settings.get(key):
+            raise ConversionError(f"{path}: {key} is set; only plain LoRA (one r and alpha for every module) merges")
+    return settings
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -185,8 +237,9 @@ def model_config(original: dict, vision, tokenizer: PreTrainedTokenizerBase, dty
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerBase, vision, system: str) -> VideoChatGPTLlavaProcessor:
-    """CLIP-336 preprocessing (shortest edge, centre crop, OpenAI's statistics) and Vicuna v1 turns."""
+def build_processor(tokenizer: PreTrainedTokenizerBase, vision, system: str, aspect: str) -> VideoChatGPTLlavaProcessor:
+    """CLIP-336 preprocessing (shortest edge, centre crop, OpenAI's statistics; frames padded
+    square first under `aspect` "pad") and Vicuna v1 turns."""
     side = vision.image_size
     square = {"height": side, "width": side}
     clip = dict(image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
@@ -200,27 +253,44 @@ def build_processor(tokenizer: PreTrainedTokenizerBase, vision, system: str) -> 
         num_additional_image_tokens=1,
         video_token=VIDEO_TOKEN,
         image_token=IMAGE_TOKEN,
+        pad_to_square=aspect == "pad",
     )
 
 
-def convert(checkpoint: str | Path, out: str | Path, vision_tower: str | Path, *, system: str = "", dtype: str | None = None) -> Path:
+def convert(checkpoint: str | Path, out: str | Path, vision_tower: str | Path, *, base: str | Path | None = None, system: str = "",
+            dtype: str | None = None, aspect: str = "pad") -> Path:
     """Write the converted model and processor into `out` (complete or not at all).
 
     `vision_tower`: the CLIP folder the checkpoint was trained with (its config names it as
-    mm_vision_tower); a tower inside the checkpoint replaces its weights. `system`: the line
-    the chat opens with. `dtype`: of the saved weights, by default the language model's.
+    mm_vision_tower); a tower inside the checkpoint replaces its weights. `base`: for a LoRA
+    release, the full checkpoint it was trained from (its weights and tokenizer; the LoRA
+    folder's config.json, when it has one, wins). `system`: the line the chat opens with.
+    `dtype`: of the saved weights, by default the language model's. `aspect`: "pad" (frames
+    padded square in CLIP's mean colour, as the release trained and evaluated) or "crop".
     """
     checkpoint, out, vision_tower = Path(checkpoint), Path(out), Path(vision_tower)
-    original = read_config(checkpoint)
-    vision, weights = read_vision(vision_tower)
-    weights |= rename(read_weights(checkpoint), CHECKPOINT_KEYS, checkpoint)
-    embed = "model.language_model.embed_tokens.weight"
-    if embed not in weights:
-        raise ConversionError(f"{checkpoint}: no model.embed_tokens.weight; not a full LLaVA checkpoint")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    if aspect not in ASPECTS:
+        raise ConversionError(f"aspect {aspect!r} is not one of {list(ASPECTS)}")
+    is_adapter = (checkpoint / "adapter_config.json").is_file()
+    if is_adapter and base is None:
+        raise ConversionError(f"{checkpoint}: a LoRA adapter; name the full checkpoint it was trained from as base (--base)")
+    if base is not None and not is_adapter:
+        raise ConversionError(f"{checkpoint}: no adapter_config.json; base is only for LoRA releases")
+    full = Path(base) if is_adapter else checkpoint
+    original = read_config(checkpoint if (checkpoint / "config.json").is_file() else full)
+    vision, weights = read_vision(vision_tower)
+    released = read_weights(full)
+    if is_adapter:
+        merge_adapter(released, checkpoint)
+    weights |= rename(released, CHECKPOINT_KEYS, full)
+    del released
+    embed = "model.language_model.embed_tokens.weight"
+    if embed not in weights:
+        raise ConversionError(f"{full}: no model.embed_tokens.weight; not a full LLaVA checkpoint")
     target = DTYPES[dtype] if dtype else weights[embed].dtype
-    tokenizer = media_tokenizer(checkpoint)
+    tokenizer = media_tokenizer(full)
     config = model_config(original, vision, tokenizer, target)
     for table in (embed, "lm_head.weight"):
         if table in weights:
@@ -231,17 +301,18 @@ def convert(checkpoint: str | Path, out: str | Path, vision_tower: str | Path, *
     weights["model.image_newline"] = torch.zeros(config.text_config.hidden_size)  # images only; videos never use it
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise ConversionError(f"{checkpoint}: weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ConversionError(f"{full}: weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     for key, tensor in weights.items():
         if tensor.shape != expected[key].shape:
-            raise ConversionError(f"{checkpoint}: {key} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[key].shape)}")
-    model.load_state_dict({k: v.to(target) for k, v in weights.items()}, assign=True)
+            raise ConversionError(f"{full}: {key} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[key].shape)}")
+        weights[key] = tensor.to(target)  # one tensor at a time: the checkpoint is never held in two dtypes
+    model.load_state_dict(weights, assign=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        build_processor(tokenizer, vision, system).save_pretrained(tmp)
+        build_processor(tokenizer, vision, system, aspect).save_pretrained(tmp)
     return out
 
 
@@ -250,11 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a released checkpoint folder (e.g. SNUMPR/vlm_rlaif_video_llava_7b)")
     parser.add_argument("out", type=Path, help="the folder to write the converted model into")
     parser.add_argument("--vision-tower", type=Path, required=True, help="the CLIP folder (openai/clip-vit-large-patch14-336)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="for a LoRA release, the full checkpoint it was trained from (vlm_policy_init_7b_lora: vlm_sft_video_llava_7b)")
+    parser.add_argument("--aspect", choices=ASPECTS, default="pad",
+                        help="pad: frames padded square in CLIP's mean colour, as the release (default); crop: the centre square")
     parser.add_argument("--system", default="", help="the line every chat opens with (the release trained behind Vicuna v1's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="of the saved weights (default: the checkpoint's)")
     args = parser.parse_args(argv)
     try:
-        print(convert(args.checkpoint, args.out, args.vision_tower, system=args.system, dtype=args.dtype))
+        print(convert(args.checkpoint, args.out, args.vision_tower, base=args.base, system=args.system, dtype=args.dtype, aspect=args.aspect))
     except InputError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

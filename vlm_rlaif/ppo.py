@@ -252,6 +252,6 @@ def run(params: Params) -> list[Path]:
     """The stage: `train_seeds` in this process, or in `ppo.num_processes` data-parallel
     processes. Those start under DDP whatever engine `launch` names: PPO trains adapters on a
     frozen base, which ZeRO or FSDP would shard to no gain and under Trainer-only wrappers."""
-    stage.launch(params, "ppo", params.ppo.num_processes, lambda: train_seeds(params), accelerate_config=str(stage.ENGINES / "ddp.yaml"))
+    stage.launch(params, "ppo", params.ppo.num_processes, accelerate_config=str(stage.ENGINES / "ddp.yaml"))
     return [seed_folder(OUT, s) for s in params.ppo.seeds]
 

@@ -187,8 +187,7 @@ def run(params: Params, *, progress: bool = True, **paths: Path) -> dict:
     this process, or in `preferences.num_processes` processes (each judges every n-th shard;
     the draws are the same either way); returns the counts: prompts, pairs drawn again, kept,
     and dropped per reason."""
-    stage.launch(params, "preferences", params.preferences.num_processes, lambda: judge_prompts(params, progress=progress, **paths),
-                 paths=paths)
+    stage.launch(params, "preferences", params.preferences.num_processes, progress=progress, **paths)
     return io.read_json(paths.get("out", OUT) / "counts.json")
 
 

@@ -423,8 +423,7 @@ def run(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("ar
     """The stage: train (resuming from the last checkpoint of the same run), in
     `reward_model.num_processes` processes if asked, then the rewards of every judged pair
     (`out/rewards.json`), the input of `reward_quality`."""
-    stage.launch(params, "reward_model", params.reward_model.num_processes, lambda: train(params, preferences, policy, out),
-                 paths={"preferences": preferences, "policy": policy, "out": out})
+    stage.launch(params, "reward_model", params.reward_model.num_processes, preferences=preferences, policy=policy, out=out)
     judged = [r for r in io.read_json(preferences / "judged.json") if r["judge"] is not None]
     reward_model, processor = load_reward_model(out, dtype=params.base.dtype)
     rewards = reward_pairs(

@@ -17,7 +17,7 @@ a language model from scratch needs that many answers before it reads the video 
 Training is transformers' `Trainer` with this package's video collator (trl's SFTTrainer
 expects its own image-message format and collator, not video conversations in the release
 layout). Run it in-process, or in `sft.num_processes` processes under an engine of
-configs/accelerate/ (`accelerate launch ... -m vlm_rlaif sft --params FILE`; `launch` does this for you).
+configs/accelerate/ (`accelerate launch ... -m vlm_rlaif sft --params FILE`; `run` does this for you).
 """
 
 from __future__ import annotations
@@ -324,9 +324,9 @@ def merged(model, base: Path, cfg: BaseConfig):
         return PeftModel.from_pretrained(full, tmp).merge_and_unload()
 
 
-def launch(params: Params) -> Path:
-    """Train in this process, or in `sft.num_processes` processes (`stage.launch`)."""
-    stage.launch(params, "sft", params.sft.num_processes, lambda: train(params))
+def run(params: Params) -> Path:
+    """The stage: `train` in this process, or in `sft.num_processes` processes (`stage.launch`)."""
+    stage.launch(params, "sft", params.sft.num_processes)
     return OUT
 
 

@@ -8,6 +8,7 @@ every stage lays out reports/ the same way (DESIGN.md, layout contract).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import random
 import subprocess
@@ -28,6 +29,18 @@ METRICS_DIR = Path("reports/metrics")
 FIGURES_DIR = Path("reports/figures")
 ENGINES = Path("configs/accelerate")  # an accelerate config per engine: ddp, zero2, zero3, fsdp
 TABLES_DIR = Path("reports/tables")
+
+# stage -> (module, function of Params): what `python -m vlm_rlaif <stage>` runs, and what each
+# process of a launched training stage runs.
+STAGES = {
+    "prepare": ("prepare", "run"),
+    "base": ("base", "materialise"),
+    "sft": ("sft", "train"),
+    "preferences": ("preferences", "judge_prompts"),
+    "reward_model": ("reward_model", "train"),
+    "ppo": ("ppo", "train_seeds"),
+    "evaluate": ("evaluate", "run"),
+}
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -85,24 +98,30 @@ def launch_command(params: Params, stage: str, num_processes: int, params_file: 
     return command + ["-m", "vlm_rlaif", stage, "--params", str(params_file), *relayed]
 
 
-def launch(params: Params, stage: str, num_processes: int, here: Callable[[], Any], accelerate_config: str | None = None,
-           paths: Mapping[str, Path] | None = None) -> None:
-    """Run a training stage: `here()` in this process when `num_processes` is 1, else
-    `launch_command`'s processes, each running the stage's function with `paths` (those
-    `here` passes it; the function's defaults for the rest). Their output comes through as it
-    is written; a process stopped by bad input raises its message here."""
+def stage_function(name: str) -> Callable[..., Any]:
+    """The function of Params that stage `name` runs (`STAGES`)."""
+    module, function = STAGES[name]
+    return getattr(importlib.import_module(f"vlm_rlaif.{module}"), function)
+
+
+def launch(params: Params, name: str, num_processes: int, *, accelerate_config: str | None = None, **arguments: Any) -> None:
+    """Run stage `name`'s function with `arguments`: in this process when `num_processes` is 1,
+    else in `launch_command`'s processes, each given the path arguments (the other arguments,
+    such as `progress`, only shape this process's run). The processes' output comes through
+    as it is written; a process stopped by bad input raises its message here."""
     if num_processes == 1:
-        here()
+        stage_function(name)(params, **arguments)
         return
+    paths = {key: value for key, value in arguments.items() if isinstance(value, Path)}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
         io.write_text(path, yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
-        command = launch_command(params, stage, num_processes, path, accelerate_config, paths)
-        status, errors = _relay(command, f"python -m vlm_rlaif {stage}: error: ")
+        command = launch_command(params, name, num_processes, path, accelerate_config, paths)
+        status, errors = _relay(command, f"python -m vlm_rlaif {name}: error: ")
     if errors:
-        raise InputError(f"{stage} ({num_processes} processes): {errors[0]}")
+        raise InputError(f"{name} ({num_processes} processes): {errors[0]}")
     if status:
-        raise RuntimeError(f"{stage}: the {num_processes} processes exited with status {status}; their output is above")
+        raise RuntimeError(f"{name}: the {num_processes} processes exited with status {status}; their output is above")
 
 
 def _relay(command: list[str], marker: str) -> tuple[int, list[str]]:

@@ -16,6 +16,9 @@ package's loading path calls it), so a converted checkpoint (`vlm_rlaif.convert`
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -77,9 +80,38 @@ class VideoChatGPTLlavaForConditionalGeneration(LlavaNextVideoForConditionalGene
         self.post_init()
 
 
+def pad_to_square(frames: np.ndarray, colour: Sequence[int]) -> np.ndarray:
+    """[T, H, W, 3] frames centred on a square canvas of `colour`: LLaVA's "pad" aspect ratio,
+    under which the later resize and centre crop keep the whole frame."""
+    height, width = frames.shape[1:3]
+    if height == width:
+        return frames
+    side = max(height, width)
+    canvas = np.empty((len(frames), side, side, frames.shape[3]), dtype=frames.dtype)
+    canvas[...] = np.asarray(colour, dtype=frames.dtype)
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[:, top : top + height, left : left + width] = frames
+    return canvas
+
+
 class VideoChatGPTLlavaProcessor(LlavaNextVideoProcessor):
-    """LLaVA-NeXT-Video's processor with the pooled token count: `<video>` expands to
-    frames + patches per frame tokens."""
+    """LLaVA-NeXT-Video's processor with the pooled token count (`<video>` expands to frames +
+    patches per frame tokens) and, with `pad_to_square`, frames padded square in the video
+    processor's mean colour first, as the release trained and evaluated (LLaVA's "pad")."""
+
+    def __init__(self, video_processor=None, image_processor=None, tokenizer=None, chat_template=None, patch_size=None,
+                 vision_feature_select_strategy=None, video_token="<video>", image_token="<image>", num_additional_image_tokens=0,
+                 pad_to_square: bool = False, **kwargs):
+        # the full signature, not **kwargs: the processor saves the arguments its __init__ names
+        super().__init__(video_processor, image_processor, tokenizer, chat_template, patch_size, vision_feature_select_strategy,
+                         video_token, image_token, num_additional_image_tokens, **kwargs)
+        self.pad_to_square = pad_to_square
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if self.pad_to_square and videos is not None:
+            colour = [int(m * 255) for m in self.video_processor.image_mean]
+            videos = [pad_to_square(np.asarray(v), colour) for v in videos]
+        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_video_token(self, video_inputs: dict | None = None, video_idx: int = 0, **kwargs) -> str:
         video = video_inputs["pixel_values_videos"][video_idx]  # [T, C, H, W]
