@@ -119,7 +119,8 @@ def package_imports(source: str) -> set[str]:
     (`importlib.resources.files("vlm_rlaif.prompts")` reads package data)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("vlm_rlaif."):
+        # a whole name only: f"vlm_rlaif.{module}" (stage.launch) runs the stage it is asked for
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("vlm_rlaif.") and node.value != "vlm_rlaif.":
             found.add(node.value.split(".")[1])
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlm_rlaif"):
             parts = node.module.split(".")[1:]
