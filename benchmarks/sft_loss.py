@@ -1,13 +1,16 @@
 """SFT's loss, forward and backward from the final hidden states: the model's own loss against
-the stage's fused one, in time and peak memory, measured in one run.
+the stage's fused ones, in time and peak memory, measured in one run.
 
 An SFT batch at the paper's shape is mostly video: 16 frames of 144 tokens, a question, and an
 answer of a few hundred tokens, the only labelled part. Compared, for `--batch` rows of
 `--length` tokens whose last `--answer` are labelled:
 - model's own loss: the head over every position, then transformers' causal-LM loss (the
   logits upcast to float32, cross-entropy over the shifted labels);
-- fused: `vlm_rlaif.logprobs.labelled_logprob_sum` over the labelled positions only, chunk by
-  chunk (what `sft.CheckpointTrainer` computes).
+- chunked: `vlm_rlaif.logprobs.labelled_logprob_sum` over the labelled positions only, chunk by
+  chunk through this package's row pass (the Triton kernels on CUDA), what
+  `sft.CheckpointTrainer` computes on CPU;
+- liger (CUDA only): the same positions through Liger-Kernel's fused linear cross-entropy,
+  what `sft.CheckpointTrainer` computes on a GPU.
 Peak memory is what each step allocates above its inputs (CUDA's allocator peak on a GPU, the
 peak of live tensor bytes on CPU; see benchmarks/logprobs.py).
 
@@ -24,9 +27,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from logprobs import LiveTensors
-from vlm_rlaif.logprobs import labelled_logprob_sum
-
-VARIANTS = ("model's own loss", "fused")
+from vlm_rlaif.logprobs import labelled_logprob_sum, liger_available
 
 
 def batch(rows: int, length: int, answer: int, hidden: int, vocab: int, dtype: torch.dtype, device: str):
@@ -40,8 +41,8 @@ def batch(rows: int, length: int, answer: int, hidden: int, vocab: int, dtype: t
 
 def step(variant: str, h, w, labels) -> None:
     items = (labels[:, 1:] != -100).sum()
-    if variant == "fused":
-        total, _ = labelled_logprob_sum(h, w, labels)
+    if variant != "model's own loss":
+        total, _ = labelled_logprob_sum(h, w, labels, backend="liger" if variant == "liger" else "triton" if h.is_cuda else "torch")
         loss = -total / items
     else:
         loss = ForCausalLMLoss(h @ w.T, labels, vocab_size=w.shape[0], num_items_in_batch=items)
@@ -84,15 +85,18 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}: {args.batch} rows of {args.length} tokens, {args.answer} labelled, hidden {args.hidden}, {args.dtype}, "
           "forward + backward")
+    variants = ["model's own loss", "chunked", *(["liger"] if cuda and liger_available(torch.device(device)) else [])]
     for vocab in args.vocab:
         print(f"vocabulary {vocab}:")
         h, w, labels = batch(args.batch, args.length, args.answer, args.hidden, vocab, getattr(torch, args.dtype), device)
-        results = {v: measure(v, h, w, labels, args.repeats) for v in VARIANTS}
+        results = {v: measure(v, h, w, labels, args.repeats) for v in variants}
         for variant, r in results.items():
             print(f"  {variant:20s} {r['seconds'] * 1e3:9.1f} ms   peak {r['peak_bytes'] / 2**20:9.1f} MiB")
-        ours, theirs = results["fused"], results["model's own loss"]
-        print(f"  fused against the model's own loss: {theirs['seconds'] / ours['seconds']:.2f}x as fast, "
-              f"{theirs['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x less peak memory")
+        theirs = results["model's own loss"]
+        for variant in variants[1:]:
+            ours = results[variant]
+            print(f"  {variant} against the model's own loss: {theirs['seconds'] / ours['seconds']:.2f}x as fast, "
+                  f"{theirs['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x less peak memory")
 
 
 if __name__ == "__main__":

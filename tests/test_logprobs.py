@@ -1,6 +1,7 @@
 """Per-token log-probs and entropies from hidden states: the torch path and the Triton kernels
 (on CPU under TRITON_INTERPRET=1, set in conftest) against the model head + float32
-log-softmax, forward and backward, and the chunking that keeps full logits from existing."""
+log-softmax, forward and backward, and the chunking that keeps full logits from existing;
+SFT's labelled sum on each backend, Liger's fused linear cross-entropy included."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vlm_rlaif.logprobs import _row_stats_torch, token_logprobs
+from vlm_rlaif.logprobs import _row_stats_torch, labelled_logprob_sum, token_logprobs
 
 TRITON = importlib.util.find_spec("triton") is not None  # Linux wheels of torch bring it; elsewhere it may be missing
 BACKENDS = ["torch", *(["triton"] if TRITON else [])]
+LOSS_BACKENDS = [*BACKENDS, *(["liger"] if TRITON and importlib.util.find_spec("liger_kernel") else [])]
 needs_triton = pytest.mark.skipif(not TRITON, reason="triton is not installed")
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -63,6 +65,47 @@ def test_forward_and_backward_match_the_models_head(shape, backend, dtype):
     for name, got, want in zip(("logp", "entropy", "grad hidden", "grad weight"), *results):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("shape, frozen_head", [((2, 9, 16, 300), True), ((3, 17, 24, 1031), False)])
+def test_the_labelled_sum_matches_the_models_loss(shape, frozen_head, backend, dtype):
+    """SFT's numerator and count: the model head's float32 cross-entropy over the shifted
+    labelled positions, value and gradients, whichever backend computes it."""
+    h, w, t = problem(*shape, dtype)
+    w.requires_grad_(not frozen_head)
+    labels = torch.where(torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) > 0.4, t, -100)
+    results = []
+    for compute in (lambda: labelled_logprob_sum(h, w, labels, chunk_rows=5, backend=backend), lambda: model_loss_sum(h, w, labels)):
+        h.grad = w.grad = None
+        total, count = compute()
+        (total * -0.37).backward()  # the loss scales the sum by -1 / count
+        results.append((total.detach(), count, h.grad.clone(), None if frozen_head else w.grad.clone()))
+    for name, got, want in zip(("sum", "count", "grad hidden", "grad weight"), *results):
+        if want is not None:
+            torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype], msg=name)
+    assert results[0][2][:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def model_loss_sum(hidden, weight, labels):
+    logits = (hidden[:, :-1] @ weight.T).float()
+    targets = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return -loss, (targets != -100).sum()
+
+
+def test_the_labelled_sum_takes_no_labels_and_names_a_backend_it_cannot_run(monkeypatch):
+    h, w, t = problem(1, 6, 8, 20, torch.float32)
+    total, count = labelled_logprob_sum(h, w, torch.full_like(t, -100), backend=LOSS_BACKENDS[-1])
+    assert total.item() == 0 and count.item() == 0
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="the liger backend needs liger-kernel and CUDA"):
+        labelled_logprob_sum(h, w, t, backend="liger")
+    calls = []
+    monkeypatch.setattr("vlm_rlaif.logprobs.token_logprobs", lambda *a, **k: calls.append(k["backend"]) or token_logprobs(*a, **k))
+    labelled_logprob_sum(h, w, t)
+    assert calls == ["auto"]  # on CPU "auto" is the chunked path, never Liger
 
 
 def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_do():

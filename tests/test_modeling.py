@@ -266,3 +266,33 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(tmp_path, monkeypatch):
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="load_in_4bit needs the bitsandbytes package"):
         load_model_and_processor(tmp_path, load_in_4bit=True)
+
+
+def test_a_4bit_base_trains_the_same_after_a_no_grad_pass(tmp_path):
+    """PPO's bases generate (eval, no_grad), then train. On a CPU with AVX512-BF16 (this
+    project's machines among them) bitsandbytes would repack the 4-bit weights for inference
+    at that first pass, and no gradient would flow through them afterwards."""
+    from vlm_rlaif.config import LoraConfig
+    from vlm_rlaif.modeling import add_lora
+
+    path = build_tiny_model(TinyModelConfig(), CORPUS, tmp_path / "model", seed=0)
+    video = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    conversation = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "It is red."}]
+
+    def adapter_grads(no_grad_pass_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model, processor = load_model_and_processor(path, load_in_4bit=True)
+        model = add_lora(model, LoraConfig(r=4, alpha=8))
+        batch = build_inputs(processor, [video], [conversation], add_generation_prompt=False)
+        if no_grad_pass_first:
+            model.eval()
+            with torch.no_grad():
+                model(**batch)
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    fresh, after = adapter_grads(False), adapter_grads(True)
+    assert fresh.keys() == after.keys() and any("layers.0." in n for n in fresh)
+    for name in fresh:
+        torch.testing.assert_close(after[name], fresh[name], msg=name)

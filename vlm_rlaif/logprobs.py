@@ -13,9 +13,13 @@ The backward recomputes each chunk's logits, overwrites them in place with their
 (d log p_t / dz = onehot_t - p, d H / dz = -p (log p + H)) and multiplies back through the
 weight. Peak extra memory is one chunk of logits, whatever the batch.
 
-SFT's loss goes the same way (`labelled_logprob_sum`): the hidden states of the assistant's
-tokens and the head's weight, never the [batch, length, vocabulary] logits the model's own
-loss would build and upcast.
+SFT's loss needs no entropy, only the labelled tokens' log-probabilities summed
+(`labelled_logprob_sum`): from the hidden states of the assistant's tokens and the head's
+weight, never the [batch, length, vocabulary] logits the model's own loss would build and
+upcast. On CUDA that sum is Liger-Kernel's fused linear cross-entropy, which writes the
+hidden states' gradient during the forward pass: two matmuls a chunk where `token_logprobs`
+spends three (its backward recomputes the logits). Liger has no entropy, so PPO's path is
+this module's own.
 
 The row pass is a Triton kernel on CUDA (`vlm_rlaif.kernels`) and the same maths in torch
 elsewhere; `backend="auto"` picks. Results match the model's own head followed by a float32
@@ -29,6 +33,7 @@ from typing import Literal
 import torch
 
 Backend = Literal["auto", "torch", "triton"]
+LossBackend = Literal["auto", "torch", "triton", "liger"]
 CHUNK_ROWS = 1024
 
 
@@ -41,6 +46,13 @@ def triton_available(device: torch.device) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def liger_available(device: torch.device) -> bool:
+    """Whether Liger-Kernel's fused linear cross-entropy can run on `device` (its kernels are Triton's)."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None and triton_available(device)
 
 
 def _row_stats_torch(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,12 +153,23 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return logp.view(targets.shape), entropy.view(targets.shape)
 
 
-def labelled_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         **options) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+                         chunk_rows: int = CHUNK_ROWS, backend: LossBackend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(next token) over the labelled positions, their count): a causal language
     model's loss numerator and denominator from hidden states [B, L, H] and labels [B, L]
-    (`ignore_index` where unlabelled), shifted as the model's own loss shifts them."""
+    (`ignore_index` where unlabelled), shifted as the model's own loss shifts them. "auto" is
+    Liger's fused linear cross-entropy on CUDA, `token_logprobs` elsewhere."""
+    if backend == "auto":
+        backend = "liger" if hidden.is_cuda and liger_available(hidden.device) else "auto"
+    elif backend == "liger" and not liger_available(hidden.device):
+        raise ValueError(f"labelled_logprob_sum: the liger backend needs liger-kernel and CUDA (or TRITON_INTERPRET=1), "
+                         f"got a {hidden.device.type} tensor")
     targets = labels[:, 1:]
     keep = targets != ignore_index
-    logp, _ = token_logprobs(hidden[:, :-1][keep], weight, targets[keep], **options)
+    rows, wanted = hidden[:, :-1][keep], targets[keep]  # the labelled positions only: SFT's rows are mostly video
+    if backend == "liger" and len(rows):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return -liger_fused_linear_cross_entropy(rows, weight, wanted, reduction="sum"), keep.sum()
+    logp, _ = token_logprobs(rows, weight, wanted, chunk_rows=chunk_rows, backend="torch" if backend == "liger" else backend)
     return logp.sum(), keep.sum()

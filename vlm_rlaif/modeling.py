@@ -129,11 +129,24 @@ def load_model_and_processor(
         )
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(f"{name_or_path}: cannot load a {config.model_type} image-text-to-text model: {e}") from None
+    if load_in_4bit:
+        _keep_4bit_layout(model)
     embedded = model.get_input_embeddings().num_embeddings
     if len(processor.tokenizer) > embedded:
         raise ModelLoadError(f"{name_or_path}: the tokenizer has {len(processor.tokenizer)} tokens but the model embeds {embedded}; "
                              "ids past the table would fail deep inside torch (a tokenizer from another model?)")
     return model, processor
+
+
+def _keep_4bit_layout(model: PreTrainedModel) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight in place at its first
+    forward under no_grad in eval mode, into a layout with no backward: a base that generates
+    and then trains (PPO's rollouts, then its updates) would pass no gradient through it, and
+    layers narrower than its 64-value block fail to repack. Every 4-bit weight keeps the
+    layout that trains, on every machine."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def save_processor(source: str | Path, folder: str | Path) -> None:
