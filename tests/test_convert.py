@@ -174,6 +174,8 @@ def test_a_lora_release_merged_into_its_base_computes_what_the_merged_original_d
     (lambda lora: _edit_adapter(lora, lambda t: {k.replace("q_proj", "w_proj"): v for k, v in t.items()}), "adapts no weight"),
     (lambda lora: _edit_adapter(lora, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj.lora_B" not in k}),
      "layers.1.mlp.up_proj.lora_A.weight has no lora_B"),
+    (lambda lora: _edit_adapter(lora, lambda t: t | {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 8)}),
+     "embed_tokens.lora_embedding_A is not half of a lora_A/lora_B pair"),
 ])
 def test_a_lora_release_that_cannot_merge_is_named_and_nothing_is_written(converted, tmp_path, break_it, message):
     root, llama, weights, *_ = converted

@@ -165,7 +165,7 @@ def merge_adapter(weights: dict[str, torch.Tensor], adapter: Path) -> None:
     scale = settings["lora_alpha"] / (settings["r"] ** 0.5 if settings.get("use_rslora") else settings["r"])
     for key in sorted(k for k in tensors if ".lora_" in k):
         if ".lora_A." not in key:
-            if key.replace(".lora_B.", ".lora_A.") in tensors:
+            if ".lora_B." in key and key.replace(".lora_B.", ".lora_A.") in tensors:
                 continue
             raise ConversionError(f"{source}: {key} is not half of a lora_A/lora_B pair, the only LoRA tensors this merge reads")
         down, up = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
