@@ -106,9 +106,9 @@ def stage_function(name: str) -> Callable[..., Any]:
 
 def launch(params: Params, name: str, num_processes: int, *, accelerate_config: str | None = None, **arguments: Any) -> None:
     """Run stage `name`'s function with `arguments`: in this process when `num_processes` is 1,
-    else in `launch_command`'s processes, each given the path arguments (the other arguments,
-    such as `progress`, only shape this process's run). The processes' output comes through
-    as it is written; a process stopped by bad input raises its message here."""
+    else in `launch_command`'s processes, each given the path arguments (the others, such as
+    `progress`, apply only to a run in this process). The processes' output comes through as
+    it is written; a process stopped by bad input raises its message here."""
     if num_processes == 1:
         stage_function(name)(params, **arguments)
         return
