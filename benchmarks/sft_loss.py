@@ -39,32 +39,33 @@ def batch(rows: int, length: int, answer: int, hidden: int, vocab: int, dtype: t
     return h, w, labels
 
 
-def step(variant: str, h, w, labels) -> None:
+def step(backend: str | None, h, w, labels) -> None:
+    """One forward and backward: `labelled_logprob_sum` on `backend`, or with None the model's own loss."""
     items = (labels[:, 1:] != -100).sum()
-    if variant != "model's own loss":
-        total, _ = labelled_logprob_sum(h, w, labels, backend="liger" if variant == "liger" else "triton" if h.is_cuda else "torch")
+    if backend:
+        total, _ = labelled_logprob_sum(h, w, labels, backend=backend)
         loss = -total / items
     else:
         loss = ForCausalLMLoss(h @ w.T, labels, vocab_size=w.shape[0], num_items_in_batch=items)
     loss.backward()
 
 
-def measure(variant: str, h, w, labels, repeats: int) -> dict:
+def measure(backend: str | None, h, w, labels, repeats: int) -> dict:
     if h.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(variant, h, w, labels)  # also the warm-up
+        step(backend, h, w, labels)  # also the warm-up
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         with LiveTensors(h, w, labels) as seen:
-            step(variant, h, w, labels)
+            step(backend, h, w, labels)
         peak = seen.peak
     start = time.perf_counter()
     for _ in range(repeats):
         h.grad = None
-        step(variant, h, w, labels)
+        step(backend, h, w, labels)
     if h.is_cuda:
         torch.cuda.synchronize()
     return {"seconds": (time.perf_counter() - start) / repeats, "peak_bytes": peak}
@@ -85,15 +86,17 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}: {args.batch} rows of {args.length} tokens, {args.answer} labelled, hidden {args.hidden}, {args.dtype}, "
           "forward + backward")
-    variants = ["model's own loss", "chunked", *(["liger"] if cuda and liger_available(torch.device(device)) else [])]
+    variants = {"model's own loss": None, "chunked": "triton" if cuda else "torch"}  # name -> labelled_logprob_sum's backend
+    if cuda and liger_available(torch.device(device)):
+        variants["liger"] = "liger"
     for vocab in args.vocab:
         print(f"vocabulary {vocab}:")
         h, w, labels = batch(args.batch, args.length, args.answer, args.hidden, vocab, getattr(torch, args.dtype), device)
-        results = {v: measure(v, h, w, labels, args.repeats) for v in variants}
+        results = {name: measure(backend, h, w, labels, args.repeats) for name, backend in variants.items()}
         for variant, r in results.items():
             print(f"  {variant:20s} {r['seconds'] * 1e3:9.1f} ms   peak {r['peak_bytes'] / 2**20:9.1f} MiB")
         theirs = results["model's own loss"]
-        for variant in variants[1:]:
+        for variant in list(variants)[1:]:
             ours = results[variant]
             print(f"  {variant} against the model's own loss: {theirs['seconds'] / ours['seconds']:.2f}x as fast, "
                   f"{theirs['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x less peak memory")

@@ -285,7 +285,7 @@ def convert(checkpoint: str | Path, out: str | Path, vision_tower: str | Path, *
     if is_adapter:
         merge_adapter(released, checkpoint)
     weights |= rename(released, CHECKPOINT_KEYS, full)
-    del released
+    del released  # `weights` now holds the only references, so the cast below frees each original
     embed = "model.language_model.embed_tokens.weight"
     if embed not in weights:
         raise ConversionError(f"{full}: no model.embed_tokens.weight; not a full LLaVA checkpoint")
