@@ -25,6 +25,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vlm_rlaif.logprobs import CHUNK_ROWS
+
 VARIANTS = ("head + float32 log-softmax", "head + trl", "chunked")
 # Peak HBM bandwidth (bytes/s) by device name, from the vendors' data sheets.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12,
@@ -127,8 +129,8 @@ def kernel_bandwidth(tokens: int, vocab: int, dtype: torch.dtype) -> tuple[float
     logp, entropy, lse = kernels.row_stats(logits, targets)
     grads = torch.ones(tokens, device="cuda"), torch.ones(tokens, device="cuda")
     size = logits.numel() * logits.element_size()
-    forward = do_bench(lambda: kernels.row_stats(logits, targets)) / 1e3
-    backward = do_bench(lambda: kernels.logit_grads_(logits, targets, lse, entropy, *grads)) / 1e3
+    forward = do_bench(lambda: kernels.row_stats(logits, targets), return_mode="median") / 1e3  # the median: a host stall skews a mean
+    backward = do_bench(lambda: kernels.logit_grads_(logits, targets, lse, entropy, *grads), return_mode="median") / 1e3
     return size / forward, 2 * size / backward
 
 
@@ -143,7 +145,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096 if cuda else 1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32064])
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    parser.add_argument("--chunk-rows", type=int, default=512)
+    parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS)
     parser.add_argument("--repeats", type=int, default=5 if cuda else 2)
     args = parser.parse_args()
     device = "cuda" if cuda else "cpu"

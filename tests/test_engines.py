@@ -57,6 +57,9 @@ def test_the_launch_command_carries_processes_machines_and_engine(monkeypatch):
         load_params("params.yaml", overrides={"launch": {"num_machines": 2}})
     with pytest.raises(ConfigError, match=r"launch\.machine_rank"):
         load_params("params.yaml", overrides={"launch": {"num_machines": 2, "machine_rank": 2, "main_process_ip": "h"}})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU: two processes cannot each take one
+    with pytest.raises(ConfigError, match=r"sft\.num_processes: 2 processes on a machine with 1 GPU"):
+        stage.launch(load_params("params.yaml"), "sft", 2)
     with pytest.raises(ConfigError, match=r"ppo\.num_processes: must divide step_batch_size"):
         load_params("params.yaml", overrides={"ppo": {"rollout_batch_size": 6, "step_batch_size": 3, "num_processes": 2}})
 
@@ -117,6 +120,7 @@ def two_process_project(trained):
 def _two_process_params(root: Path, monkeypatch, **sections):
     monkeypatch.chdir(root)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU runs of the engines, on any machine
     return load_params("params.yaml", overrides={"reward_model": RM, "ppo": PPO, "launch": {"main_process_port": _free_port()}, **sections})
 
 

@@ -18,6 +18,7 @@ TRITON = importlib.util.find_spec("triton") is not None  # Linux wheels of torch
 BACKENDS = ["torch", *(["triton"] if TRITON else [])]
 LOSS_BACKENDS = [*BACKENDS, *(["liger"] if TRITON and importlib.util.find_spec("liger_kernel") else [])]
 needs_triton = pytest.mark.skipif(not TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the kernels run compiled; on CPU under the interpreter
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -27,11 +28,11 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def problem(batch: int, length: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int = 0):
+def problem(batch: int, length: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int = 0, device: str = DEVICE):
     g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(batch, length, hidden, generator=g) * 2).to(dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype).requires_grad_()
-    t = torch.randint(0, vocab, (batch, length), generator=g)
+    h = (torch.randn(batch, length, hidden, generator=g) * 2).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device, dtype).requires_grad_()
+    t = torch.randint(0, vocab, (batch, length), generator=g).to(device)
     return h, w, t
 
 
@@ -42,8 +43,8 @@ def test_row_kernel_matches_torch(rows, vocab, dtype):
     from vlm_rlaif import kernels
 
     g = torch.Generator().manual_seed(rows)
-    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
-    targets = torch.randint(0, vocab, (rows,), generator=g)
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(DEVICE, dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=g).to(DEVICE)
     for got, want in zip(kernels.row_stats(logits, targets), _row_stats_torch(logits, targets)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -54,8 +55,8 @@ def test_row_kernel_matches_torch(rows, vocab, dtype):
 def test_forward_and_backward_match_the_models_head(shape, backend, dtype):
     h, w, t = problem(*shape, dtype)
     g = torch.Generator().manual_seed(1)
-    grad_logp, grad_entropy = torch.randn(t.shape, generator=g), torch.randn(t.shape, generator=g)
-    mask = torch.rand(t.shape, generator=g) > 0.3  # response tokens after EOS carry no gradient
+    grad_logp, grad_entropy = (torch.randn(t.shape, generator=g).to(DEVICE) for _ in range(2))
+    mask = (torch.rand(t.shape, generator=g) > 0.3).to(DEVICE)  # response tokens after EOS carry no gradient
     results = []
     for compute in (lambda: token_logprobs(h, w, t, chunk_rows=5, backend=backend), lambda: reference(h, w, t)):
         h.grad = w.grad = None
@@ -75,7 +76,7 @@ def test_the_labelled_sum_matches_the_models_loss(shape, frozen_head, backend, d
     labelled positions, value and gradients, whichever backend computes it."""
     h, w, t = problem(*shape, dtype)
     w.requires_grad_(not frozen_head)
-    labels = torch.where(torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) > 0.4, t, -100)
+    labels = torch.where(torch.rand(t.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.4, t, -100)
     results = []
     for compute in (lambda: labelled_logprob_sum(h, w, labels, chunk_rows=5, backend=backend), lambda: model_loss_sum(h, w, labels)):
         h.grad = w.grad = None
@@ -100,6 +101,7 @@ def test_the_labelled_sum_takes_no_labels_and_names_a_backend_it_cannot_run(monk
     total, count = labelled_logprob_sum(h, w, torch.full_like(t, -100), backend=LOSS_BACKENDS[-1])
     assert total.item() == 0 and count.item() == 0
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, w, t = problem(1, 6, 8, 20, torch.float32, device="cpu")
     with pytest.raises(ValueError, match="the liger backend needs liger-kernel and CUDA"):
         labelled_logprob_sum(h, w, t, backend="liger")
     calls = []

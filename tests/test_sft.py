@@ -215,6 +215,7 @@ def test_two_processes_train_one_model(built, monkeypatch):
     """The notebook's path: `run` starts two CPU processes under the DDP engine's config."""
     monkeypatch.chdir(built)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU processes on any machine
     params = load_params(_params_file(built, epochs=0.5, num_processes=2))
     out = sft.run(params)
     info = json.loads((out / "curriculum.json").read_text())

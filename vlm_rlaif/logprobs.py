@@ -16,10 +16,11 @@ weight. Peak extra memory is one chunk of logits, whatever the batch.
 SFT's loss needs no entropy, only the labelled tokens' log-probabilities summed
 (`labelled_logprob_sum`): from the hidden states of the assistant's tokens and the head's
 weight, never the [batch, length, vocabulary] logits the model's own loss would build and
-upcast. On CUDA that sum is Liger-Kernel's fused linear cross-entropy, which writes the
-hidden states' gradient during the forward pass: two matmuls a chunk where `token_logprobs`
-spends three (its backward recomputes the logits). Liger has no entropy, so PPO's path is
-this module's own.
+upcast. It goes through `token_logprobs` too; Liger-Kernel's fused linear cross-entropy is
+the other backend (it writes the hidden states' gradient during the forward pass, two
+matmuls a chunk where `token_logprobs` spends three, but its chunks of a few dozen rows at
+vocabulary 152k left it 4x slower on an H100). Liger has no entropy, so PPO's path is this
+module's own.
 
 The row pass is a Triton kernel on CUDA (`vlm_rlaif.kernels`) and the same maths in torch
 elsewhere; `backend="auto"` picks. Results match the model's own head followed by a float32
@@ -158,10 +159,10 @@ def labelled_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """(sum of log p(next token) over the labelled positions, their count): a causal language
     model's loss numerator and denominator from hidden states [B, L, H] and labels [B, L]
     (`ignore_index` where unlabelled), shifted as the model's own loss shifts them. "auto" is
-    Liger's fused linear cross-entropy on CUDA, `token_logprobs` elsewhere."""
-    if backend == "auto":
-        backend = "liger" if hidden.is_cuda and liger_available(hidden.device) else "auto"
-    elif backend == "liger" and not liger_available(hidden.device):
+    `token_logprobs`'s choice; "liger" is Liger-Kernel's fused linear cross-entropy, which
+    peaks lower at vocabulary 152k but ran slower at the paper's shapes on an H100
+    (benchmarks/sft_loss.py)."""
+    if backend == "liger" and not liger_available(hidden.device):
         raise ValueError(f"labelled_logprob_sum: the liger backend needs liger-kernel and CUDA (or TRITON_INTERPRET=1), "
                          f"got a {hidden.device.type} tensor")
     targets = labels[:, 1:]

@@ -76,7 +76,7 @@ def _in_batches(fn, rollout_rows: int, batch_size: int, **columns) -> torch.Tens
     outs = []
     for start in range(0, rollout_rows, batch_size):
         part = {k: v[start : start + batch_size] for k, v in columns.items()}
-        outs.append(fn(**part))
+        outs.append(fn(**part).cpu())  # the rollout lives on the CPU; a minibatch step moves what it uses
     width = max(o.shape[1] for o in outs)
     return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in outs])
 

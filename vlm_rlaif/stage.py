@@ -104,6 +104,17 @@ def stage_function(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"vlm_rlaif.{module}"), function)
 
 
+def visible_gpus() -> int:
+    """How many GPUs a process launched now would see: CUDA_VISIBLE_DEVICES as it stands (a
+    launched process reads it afresh, whatever this one saw at its start), else torch's count."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([device for device in visible.split(",") if device.strip()])
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def launch(params: Params, name: str, num_processes: int, *, accelerate_config: str | None = None, **arguments: Any) -> None:
     """Run stage `name`'s function with `arguments`: in this process when `num_processes` is 1,
     else in `launch_command`'s processes, each given the path arguments (the others, such as
@@ -112,6 +123,10 @@ def launch(params: Params, name: str, num_processes: int, *, accelerate_config: 
     if num_processes == 1:
         stage_function(name)(params, **arguments)
         return
+    gpus = visible_gpus()
+    if params.launch.num_machines == 1 and 0 < gpus < num_processes:
+        raise ConfigError(f"{name}.num_processes: {num_processes} processes on a machine with {gpus} GPU(s); each process takes a "
+                          f"GPU of its own, so ask for at most {gpus}, or run them on CPU with the GPUs hidden (CUDA_VISIBLE_DEVICES=)")
     paths = {key: value for key, value in arguments.items() if isinstance(value, Path)}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
