@@ -19,7 +19,7 @@ decode, then its four scoring passes: policy, reference, value, reward) and 4N a
 each update pass (forward, and backward through the activations of a frozen base), two per
 minibatch (policy and value), N the language model's parameters with its head.
 
-    python benchmarks/paper_steps.py                      # 7B shape on the GPU (~10 min on an H100)
+    python benchmarks/paper_steps.py                      # 7B shape on the GPU (~5 min on an H100)
     python benchmarks/paper_steps.py --shape tiny         # the same path at toy width (CPU, ~1 min)
 """
 

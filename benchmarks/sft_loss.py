@@ -8,9 +8,9 @@ answer of a few hundred tokens, the only labelled part. Compared, for `--batch` 
   logits upcast to float32, cross-entropy over the shifted labels);
 - chunked: `vlm_rlaif.logprobs.labelled_logprob_sum` over the labelled positions only, chunk by
   chunk through this package's row pass (the Triton kernels on CUDA), what
-  `sft.CheckpointTrainer` computes on CPU;
+  `sft.CheckpointTrainer` computes;
 - liger (CUDA only): the same positions through Liger-Kernel's fused linear cross-entropy,
-  what `sft.CheckpointTrainer` computes on a GPU.
+  the other backend of `labelled_logprob_sum`.
 Peak memory is what each step allocates above its inputs (CUDA's allocator peak on a GPU, the
 peak of live tensor bytes on CPU; see benchmarks/logprobs.py).
 

@@ -150,6 +150,7 @@ def test_two_processes_run_ppo_and_save_one_policy(two_process_project, monkeypa
 def test_launch_runs_the_stage_function_here_or_relays_its_paths(monkeypatch, tmp_path):
     """One process calls the stage's function with every argument; more relay the paths only."""
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     params = load_params("params.yaml")
     called = []
     monkeypatch.setattr(preferences, "judge_prompts", lambda params, **kwargs: called.append(kwargs))
@@ -165,6 +166,7 @@ def test_launch_runs_the_stage_function_here_or_relays_its_paths(monkeypatch, tm
 def test_a_process_stopped_by_bad_input_names_it_in_the_launching_process(monkeypatch, capfd):
     """What `python -m vlm_rlaif` prints for bad input, relayed from a launched process, becomes the launcher's error."""
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     said = "import sys; print('step 1', file=sys.stderr); print('python -m vlm_rlaif ppo: error: ppo.query_length 1: no RL prompt', file=sys.stderr); sys.exit(1)"
     monkeypatch.setattr(stage, "launch_command", lambda *args: [sys.executable, "-c", said])
     with pytest.raises(InputError, match=r"^ppo \(2 processes\): ppo.query_length 1: no RL prompt$"):
@@ -175,6 +177,7 @@ def test_a_process_stopped_by_bad_input_names_it_in_the_launching_process(monkey
         stage.launch(load_params("params.yaml"), "ppo", 2)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this process's run would take the GPU, the launched pair the CPU")
 def test_two_processes_judge_what_one_process_judges(two_process_project, monkeypatch, tmp_path):
     """Each process judges every other shard under the shard's own seed: the same pairs as one process."""
     root = two_process_project

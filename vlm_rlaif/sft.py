@@ -195,7 +195,7 @@ class CheckpointTrainer(Trainer):
     The loss: the model runs through its (engine-wrapped) forward with `logits_to_keep=1`,
     the language model's final hidden states are taken on the way by a hook, and
     `logprobs.labelled_logprob_sum` turns the labelled ones into the loss chunk by chunk
-    (Liger-Kernel's fused linear cross-entropy on CUDA); the [batch, length, vocabulary]
+    (through the Triton row kernels on CUDA); the [batch, length, vocabulary]
     float32 logits of the model's own loss never exist. Same
     value and normalisation as the model's loss (tests/test_sft.py); the model's own loss
     where the head's weight is sharded (`full_head_weight`).
