@@ -1,5 +1,5 @@
 """Per-token log-probs and entropies from hidden states: the torch path and the Triton kernels
-(on CPU under TRITON_INTERPRET=1, set in conftest) against the model head + float32
+(compiled on a GPU, else on CPU under TRITON_INTERPRET=1, set in conftest) against the model head + float32
 log-softmax, forward and backward, and the chunking that keeps full logits from existing;
 SFT's labelled sum on each backend, Liger's fused linear cross-entropy included."""
 

@@ -4,9 +4,10 @@
 maximum m, sum s = sum exp(z - m) and w = sum exp(z - m) z, so the loop holds no reduction
 across threads and spends one exponential a logit; whole tiles load without masks, and the
 lanes are merged once at the end: logsumexp = M + log S, log p_t = z_t - logsumexp,
-entropy = logsumexp - W / S. `logit_grads_` reads the row again and writes d(loss)/dz over it. Logits
-stay in the model's dtype in memory; the arithmetic is float32. Under TRITON_INTERPRET=1 the
-same kernels run on CPU tensors, which is how the tests check them against torch.
+entropy = logsumexp - W / S. `logit_grads_` reads the row again and writes d(loss)/dz over
+it. Logits stay in the model's dtype in memory; the arithmetic is float32. Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors, which is how the tests check them
+against torch on a machine without a GPU.
 """
 
 from __future__ import annotations

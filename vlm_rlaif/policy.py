@@ -31,7 +31,7 @@ from vlm_rlaif.config import Params
 from vlm_rlaif.generation import encode_video_list, with_features
 from vlm_rlaif.logprobs import token_logprobs
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
-from vlm_rlaif.reward_model import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, RewardModel, load_reward_model, score
+from vlm_rlaif.reward_model import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, RewardModel, in_4bit, load_reward_model, score
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
 TOKEN_TYPES = {"mm_token_type_ids", "token_type_ids"}  # per-token inputs beside the ids (Qwen2.5-VL: which are the video's)
@@ -151,7 +151,7 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
         model.add_adapter(VALUE, copy.deepcopy(model.peft_config[POLICY]))
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-        reward_model, reward_processor = load_reward_model(reward, dtype=params.base.dtype, load_in_4bit=params.reward_model.load_in_4bit)
+        reward_model, reward_processor = load_reward_model(reward, dtype=params.base.dtype, load_in_4bit=in_4bit(params))
     if params.ppo.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.set_adapter(POLICY)
