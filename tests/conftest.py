@@ -127,6 +127,12 @@ TINY_VLM = TinyModelConfig(
 )
 
 
+@pytest.fixture
+def cpu_processes(monkeypatch):
+    """Processes the test launches run on CPU (gloo) on any machine: GPUs hidden from them."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
     """(model, processor) of a tiny LLaVA-NeXT-Video on TINY_CORPUS, built once per session."""

@@ -25,6 +25,8 @@ from vlm_rlaif.preferences import preference_record
 
 from conftest import PPO, PREFERENCES, RM, ROOT, hand_judged
 
+pytestmark = pytest.mark.usefixtures("cpu_processes")
+
 ENGINES = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
 
 
@@ -120,7 +122,6 @@ def two_process_project(trained):
 def _two_process_params(root: Path, monkeypatch, **sections):
     monkeypatch.chdir(root)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU runs of the engines, on any machine
     return load_params("params.yaml", overrides={"reward_model": RM, "ppo": PPO, "launch": {"main_process_port": _free_port()}, **sections})
 
 
@@ -150,7 +151,6 @@ def test_two_processes_run_ppo_and_save_one_policy(two_process_project, monkeypa
 def test_launch_runs_the_stage_function_here_or_relays_its_paths(monkeypatch, tmp_path):
     """One process calls the stage's function with every argument; more relay the paths only."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     params = load_params("params.yaml")
     called = []
     monkeypatch.setattr(preferences, "judge_prompts", lambda params, **kwargs: called.append(kwargs))
@@ -166,7 +166,6 @@ def test_launch_runs_the_stage_function_here_or_relays_its_paths(monkeypatch, tm
 def test_a_process_stopped_by_bad_input_names_it_in_the_launching_process(monkeypatch, capfd):
     """What `python -m vlm_rlaif` prints for bad input, relayed from a launched process, becomes the launcher's error."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     said = "import sys; print('step 1', file=sys.stderr); print('python -m vlm_rlaif ppo: error: ppo.query_length 1: no RL prompt', file=sys.stderr); sys.exit(1)"
     monkeypatch.setattr(stage, "launch_command", lambda *args: [sys.executable, "-c", said])
     with pytest.raises(InputError, match=r"^ppo \(2 processes\): ppo.query_length 1: no RL prompt$"):

@@ -211,11 +211,10 @@ def test_qlora_trains_on_a_4bit_base_and_saves_full_precision_weights(built, mon
     assert updates and all(u.abs().max() > 0 and torch.linalg.matrix_rank(u) <= lora["r"] for u in updates.values())
 
 
-def test_two_processes_train_one_model(built, monkeypatch):
+def test_two_processes_train_one_model(built, monkeypatch, cpu_processes):
     """The notebook's path: `run` starts two CPU processes under the DDP engine's config."""
     monkeypatch.chdir(built)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU processes on any machine
     params = load_params(_params_file(built, epochs=0.5, num_processes=2))
     out = sft.run(params)
     info = json.loads((out / "curriculum.json").read_text())
