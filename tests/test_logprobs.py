@@ -6,6 +6,10 @@ SFT's labelled sum on each backend, Liger's fused linear cross-entropy included.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,15 +42,33 @@ def problem(batch: int, length: int, hidden: int, vocab: int, dtype: torch.dtype
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, vocab", [(1, 1), (7, 5), (33, 4099), (3, 8192)])
-def test_row_kernel_matches_torch(rows, vocab, dtype):
+@pytest.mark.parametrize("offset", [0.0, 300.0])  # logits far from 0: the kernel's shifts must not lose them
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (7, 5), (5, 20), (33, 4099), (3, 8192)])  # 20: groups past the vocabulary
+def test_row_kernel_matches_torch(rows, vocab, offset, dtype):
     from vlm_rlaif import kernels
 
     g = torch.Generator().manual_seed(rows)
-    logits = (torch.randn(rows, vocab, generator=g) * 4).to(DEVICE, dtype)
+    logits = (torch.randn(rows, vocab, generator=g) * 4 + offset).to(DEVICE, dtype)
     targets = torch.randint(0, vocab, (rows,), generator=g).to(DEVICE)
+    resolution = 4 * torch.finfo(torch.float32).eps * offset  # float32's own spacing at the logits' magnitude
     for got, want in zip(kernels.row_stats(logits, targets), _row_stats_torch(logits, targets)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 + resolution)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_compile_for_a_hopper_gpu(dtype):
+    """The interpreter runs Python that the GPU compiler refuses (a global that is no constexpr,
+    say): compiling for sm_90, in a process where the kernels are not interpreted, catches it
+    on a machine without a GPU."""
+    script = (f"import json, torch; from vlm_rlaif import kernels; c = kernels.ahead_of_time(torch.{str(dtype).split('.')[1]}); "
+              "print(json.dumps({name: [len(k.asm['cubin']), 'cp.async' in k.asm['ptx']] for name, k in c.items()}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = json.loads(done.stdout.splitlines()[-1])
+    assert sorted(compiled) == ["logit_grads_", "row_stats"] and all(size > 0 for size, _ in compiled.values())
+    assert compiled["row_stats"][1]  # the forward's tiles arrive through pipelined copies (cp.async)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

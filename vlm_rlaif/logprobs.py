@@ -58,11 +58,12 @@ def liger_available(device: torch.device) -> bool:
 
 def _row_stats_torch(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p of each row's target, entropy, logsumexp) of a chunk of logits, in float32,
-    with one chunk-sized temporary beyond a float32 view of the logits."""
+    with one chunk-sized temporary beyond a float32 view of the logits. The entropy sums
+    -p log p term by term: lse - sum p z, its equal, cancels away digits where logits are large."""
     z = logits.float()
     lse = torch.logsumexp(z, -1)
     p = (z - lse[:, None]).exp_()
-    entropy = lse - p.mul_(z).sum(-1)
+    entropy = torch.special.entr(p, out=p).sum(-1)
     return z.gather(-1, targets[:, None]).squeeze(-1) - lse, entropy, lse
 
 
