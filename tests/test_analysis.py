@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vlm_rlaif import analysis, evaluate
+from vlm_rlaif.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +21,16 @@ def metrics(seeds: list[int]) -> dict:
     models = {m: {"seeds": {s: row(i, s) for s in seeds}} for i, m in enumerate(evaluate.MODELS)}
     for stats in models.values():
         stats |= evaluate.spread(stats["seeds"])
-    return {"judge": ["oracle"], "models": models, "target": evaluate.target(models)}
+    target = evaluate.target({m: {s: answers(models[m]["seeds"][s]) for s in seeds} for m in ("sft", "rlaif")},
+                             load_params(ROOT / "params.yaml"))
+    return {"judge": ["oracle"], "models": models, "target": target | {"worlds": {"0": target["met"]}}, "worlds": {}}
+
+
+def answers(row: dict, count: int = 8) -> dict[str, list[float]]:
+    """Per-answer measures whose means are the row's, spread evenly about them."""
+    jitter = np.linspace(-0.05, 0.05, count)
+    return {"precision": list(row["description_precision"] + jitter), "recall": [0.5] * count, "f1": list(0.5 + jitter),
+            "hallucinated": [1.0] * count, "words": [20.0] * count}
 
 
 def test_the_main_table_has_our_rows_with_their_spread_and_the_published_rows_marked():
@@ -31,12 +42,11 @@ def test_the_main_table_has_our_rows_with_their_spread_and_the_published_rows_ma
     assert "±" not in one and "| ours, 1 seeds |" in one
 
 
-def test_the_oracle_table_states_whether_the_gain_clears_the_spread():
+def test_the_oracle_table_shows_the_paired_gains_with_their_intervals_and_the_verdict():
     table = analysis.oracle_table(metrics([0, 1, 2]))
-    assert "RLAIF - SFT on description_precision: +0.2000" in table and "so the gain clears it" in table
-    flat = metrics([0, 1, 2])
-    flat["models"]["rlaif"]["seeds"] = dict(flat["models"]["sft"]["seeds"])
-    assert not evaluate.target(flat["models"])["met"]
+    assert "| RLAIF - SFT, paired (95% interval) | +0.200 [+0.200, +0.200] | +0.000 [+0.000, +0.000] |" in table
+    assert "RLAIF - SFT on description_precision: +0.2000 (0.6200 vs 0.4200), 95% interval [+0.2000, +0.2000]" in table
+    assert "over 3 seeds x 8 questions: met," in table and "Met on 1 of 1 world(s) (world seeds 0)." in table
 
 
 def test_the_readme_results_are_the_committed_tables():

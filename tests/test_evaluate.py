@@ -63,9 +63,13 @@ def test_every_model_and_seed_is_graded_on_every_set_by_the_oracle(evaluated, mo
     rlaif = [evaluate.read_judged("rlaif", s)["judged"]["generic"] for s in (0, 1)]
     assert [r["prediction"] for r in rlaif[0]] != [r["prediction"] for r in rlaif[1]]  # two policies, two seeds
     target = metrics["target"]
-    assert target["metric"] == evaluate.TARGET and target["seeds"] == 2
+    assert target["metric"] == evaluate.TARGET and (target["seeds"], target["questions"]) == (2, len(rlaif[0]))
     assert target["gain"] == pytest.approx(target["rlaif"] - target["sft"], abs=1e-4)
-    assert target["met"] == (target["gain"] > target["spread"])
+    assert target["interval"][0] <= target["gain"] <= target["interval"][1]
+    assert target["met"] == (target["interval"][0] > 0 and target["measures"]["f1"]["gain"] >= 0)
+    assert target["worlds"] == {"5": target["met"]} and metrics["worlds"] == {}
+    words = [len(r["prediction"].split()) for r in rlaif[0]]
+    assert metrics["models"]["rlaif"]["seeds"][0]["description_words"] == pytest.approx(sum(words) / len(words), abs=1e-4)
 
 
 def _generic(record):
@@ -116,6 +120,30 @@ def test_a_released_checkpoint_converted_from_the_original_layout_is_evaluated_b
     clash = load_params("params.yaml", overrides={"evaluate": {"released": {"sft": {"path": str(folder)}}}})
     with pytest.raises(ConfigError, match="evaluate.released.sft: 'sft' names a trained model"):
         evaluate.runs(clash)
+
+
+def test_the_trained_models_also_answer_the_descriptions_of_another_world(evaluated, monkeypatch):
+    root, params, metrics = evaluated
+    monkeypatch.chdir(root)
+    loads = []
+    real = evaluate.load
+    monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
+    more = load_params("params.yaml", overrides={"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE | {"worlds": [9]}})
+    two = evaluate.run(more, out=Path("two-worlds"), progress=False)
+    assert loads[-4:] == ["sft/seed-0", "sft/seed-1", "rlaif/seed-0", "rlaif/seed-1"]  # the base model is not asked
+    assert two["models"] == metrics["models"] and set(two["target"]["worlds"]) == {"5", "9"}
+    other = two["worlds"]["9"]
+    assert (other["seeds"], other["questions"]) == (2, params.world.num_eval_videos)
+    assert other["met"] == two["target"]["worlds"]["9"]
+    world, default = io.read_json(evaluate.CHECKPOINTS / "worlds/seed-9/scenes.json"), io.read_json("artifacts/prepare/scenes.json")
+    assert set(world) == {q.video_name for q in evaluate.BenchmarkSets.load("artifacts/prepare").generic}  # the eval split's ids
+    assert all(world[name] != default[name] for name in world)  # other scenes under them
+    written = io.read_json("two-worlds/worlds/seed-9/rlaif/seed-1.json")
+    assert len(written["answers"]) == params.world.num_eval_videos
+    loads.clear()
+    assert evaluate.run(more, out=Path("two-worlds"), progress=False) == two and loads == []
+    with pytest.raises(ConfigError, match="evaluate.worlds: 5 is world.seed"):
+        evaluate.world_sets(load_params("params.yaml", overrides={"evaluate": {"worlds": [5]}}), 5)
 
 
 def test_missing_models_and_an_oracle_without_scenes_are_named(policies, monkeypatch, tmp_path):

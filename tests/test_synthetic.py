@@ -53,6 +53,18 @@ def test_same_seed_writes_identical_bytes_and_another_seed_differs(world, tmp_pa
     assert other["videos/synthetic_8frames/syn_000000/frame_000.png"] != tree(world)["videos/synthetic_8frames/syn_000000/frame_000.png"]
 
 
+def test_the_eval_split_alone_is_the_whole_world_s_eval_split(world, tmp_path):
+    counts = generate_world(TINY, tmp_path / "eval", splits=("eval",))
+    alone, whole = tree(tmp_path / "eval"), tree(world)
+    assert counts["videos"] == {"eval": 2} and "SFT_short.json" not in alone and "RL_data.json" not in alone
+    shared = [name for name in alone if name not in ("scenes.json", "world.json")]
+    assert any(name.startswith("eval/") for name in shared) and all(alone[name] == whole[name] for name in shared)
+    scenes = json.loads(alone["scenes.json"])
+    assert scenes == {vid: s for vid, s in json.loads(whole["scenes.json"]).items() if vid in scenes} and len(scenes) == 2
+    with pytest.raises(ValueError, match="splits: expected some of sft, rl, eval"):
+        generate_world(TINY, tmp_path / "none", splits=("test",))
+
+
 def test_files_follow_the_release_layout(world):
     info = load(world, "world.json")
     splits = info["splits"]

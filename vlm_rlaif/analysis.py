@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from vlm_rlaif import evaluate, io, plots, stage
+from vlm_rlaif import evaluate, io, plots, stage, verdict
 from vlm_rlaif.benchmark import DIMENSIONS
 
 LABELS = {"base": "base", "sft": "SFT", "rlaif": "RLAIF (PPO)"}
@@ -70,19 +70,69 @@ def zeroshot_table(metrics: Mapping) -> str:
     return _table(header, rows)
 
 
+# The oracle table's columns: metric key -> header, and the verdict's measure of each.
+ORACLE_COLUMNS = {"description_precision": ("factual accuracy (precision)", "precision"), "description_recall": ("recall", "recall"),
+                  "description_f1": ("F1", "f1"), "description_perfect": ("perfect answers", None),
+                  "hallucinated_per_answer": ("hallucinated facts / answer", "hallucinated"),
+                  "description_words": ("words / answer", "words")}
+
+
+def _gain(measure: Mapping | None) -> str:
+    """A paired gain with its interval: +0.012 [-0.004, +0.027]."""
+    if measure is None:
+        return ""
+    low, high = measure["interval"]
+    return f"{measure['gain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def verdict_text(t: Mapping, world: str | None = None) -> str:
+    """The verdict in one sentence: the precision gain, its interval, met or not and why."""
+    where = f"world seed {world}: " if world is not None else ""
+    return (f"{where}RLAIF - SFT on {t['metric']}: {t['gain']:+.4f} ({t['rlaif']:.4f} vs {t['sft']:.4f}), "
+            f"{t['level']:.0%} interval [{t['interval'][0]:+.4f}, {t['interval'][1]:+.4f}] over {t['seeds']} seeds x "
+            f"{t['questions']} questions: {'met' if t['met'] else 'not met'}, {t['reason']}.")
+
+
 def oracle_table(metrics: Mapping) -> str:
-    """The oracle's count of the facts in every detailed description (synthetic world only),
-    and whether RLAIF's gain in factual accuracy clears the seed-to-seed spread."""
-    keys = {"description_precision": "factual accuracy (precision)", "description_recall": "recall", "description_f1": "F1",
-            "description_perfect": "perfect answers", "hallucinated_per_answer": "hallucinated facts / answer"}
-    rows = [[LABELS.get(m, m), *(_cell(stats, k, digits=3) for k in keys)] for m, stats in metrics["models"].items()]
-    table = _table(["model", *keys.values()], rows)
+    """The oracle's count of the facts in every detailed description (synthetic world only), the
+    paired RLAIF - SFT gain of each with its bootstrap interval, and the verdict on every world."""
+    header = ["model", *(label for label, _ in ORACLE_COLUMNS.values())]
+    rows = [[LABELS.get(m, m), *(_cell(stats, k, digits=3) for k in ORACLE_COLUMNS)] for m, stats in metrics["models"].items()]
     t = metrics.get("target")
-    if t:
-        verdict = "clears" if t["met"] else "does not clear"
-        table += (f"\n\nRLAIF - SFT on {t['metric']}: {t['gain']:+.4f} ({t['rlaif']:.4f} vs {t['sft']:.4f}, means over {t['seeds']} seeds); "
-                  f"the seed-to-seed spread (largest min-max range) is {t['spread']:.4f}, so the gain {verdict} it.")
-    return table
+    if not t:
+        return _table(header, rows)
+    rows.append([f"RLAIF - SFT, paired ({t['level']:.0%} interval)",
+                 *(_gain(t["measures"].get(measure)) for _, measure in ORACLE_COLUMNS.values())])
+    lines = [_table(header, rows), verdict_text(t),
+             "The verdict: the precision gain's interval (a bootstrap over seeds and questions together) lies above zero, "
+             "and F1 does not fall, so a gain from saying less does not count."]
+    lines += [verdict_text(w, world) for world, w in metrics.get("worlds", {}).items()]
+    held = t["worlds"]
+    lines.append(f"Met on {sum(held.values())} of {len(held)} world(s) (world seeds {', '.join(held)}).")
+    return "\n\n".join(lines)
+
+
+def gains_figure(metrics: Mapping):
+    """RLAIF - SFT per oracle measure, a point and its interval for every world, zero marked."""
+    import matplotlib.pyplot as plt
+
+    t = metrics["target"]
+    worlds = {world: metrics["worlds"].get(world, t) for world in t["worlds"]}
+    shown = [m for m in verdict.MEASURES if m != "words"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 0.5 + 0.45 * len(worlds)), sharey=True, squeeze=False)
+    for ax, measure in zip(axes[0], shown):
+        for row, (world, w) in enumerate(worlds.items()):
+            m = w["measures"][measure]
+            ax.errorbar(m["gain"], row, xerr=[[m["gain"] - m["interval"][0]], [m["interval"][1] - m["gain"]]], fmt="o",
+                        capsize=3, color="C2" if w["met"] else "C3")
+        ax.axvline(0, color="grey", linewidth=0.8)
+        better = {True: "higher is better", False: "lower is better"}[verdict.MEASURES[measure]["higher"]]
+        ax.set_title(f"{verdict.MEASURES[measure]['label']}\n({better})", fontsize=8)
+    axes[0, 0].set_yticks(range(len(worlds)), [f"world {w}" for w in worlds], fontsize=8)
+    axes[0, 0].invert_yaxis()
+    fig.suptitle(f"RLAIF - SFT, paired, {t['level']:.0%} intervals (green: the verdict is met)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _number(value: float | None, digits: int = 3) -> str:

@@ -85,9 +85,10 @@ class BenchmarkSets:
                    read("consistency_qa.json", read_consistency_qa), zeroshot)
 
     def questions(self) -> dict[str, list]:
-        """Every set by its answer-set key."""
-        return {"generic": self.generic, "temporal": self.temporal, "consistency": self.consistency,
+        """Every set that has questions, by its answer-set key."""
+        sets = {"generic": self.generic, "temporal": self.temporal, "consistency": self.consistency,
                 **{ZEROSHOT + name: records for name, records in self.zeroshot.items()}}
+        return {key: records for key, records in sets.items() if records}
 
 
 def answer_sets(

@@ -333,6 +333,16 @@ class EvaluateConfig:
     batch_size: int = field(default=16, metadata=positive())
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     released: dict[str, ReleasedModel] = field(default_factory=dict)  # by the name its rows carry
+    # The verdict RLAIF > SFT: a crossed bootstrap over seeds and questions (vlm_rlaif/verdict.py).
+    confidence: float = field(default=0.95, metadata=_check(0, 1, lo_open=True))
+    resamples: int = field(default=10_000, metadata=_check(100, None))
+    worlds: list[int] = field(default_factory=list)  # world seeds whose eval split SFT and RLAIF also answer
+
+    def validate(self, key: str) -> None:
+        if self.confidence >= 1:
+            raise ConfigError(f"{key}.confidence: {self.confidence} must be below 1")
+        if len(set(self.worlds)) != len(self.worlds) or any(s < 0 for s in self.worlds):
+            raise ConfigError(f"{key}.worlds: expected distinct non-negative world seeds; got {self.worlds}")
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Every model answers every benchmark set (`benchmark.BenchmarkSets`) with the paper's decoding
 (`evaluate.temperature`, `evaluate.max_new_tokens`) once per seed of `ppo.seeds`: the RLAIF
 model of seed s is the PPO policy trained under s, the base and SFT models sample under s.
-So each row of the results carries a seed-to-seed spread, and RLAIF's gain over SFT can be
-set against it (`target`). The configured judge grades every answer (`benchmark.judge_answers`);
+So each row of the results carries a seed-to-seed spread, and RLAIF's gain over SFT is tested
+on paired answers against chance (`target`, vlm_rlaif/verdict.py), on the default world and on
+the eval splits of the worlds `evaluate.worlds` names. The configured judge grades every answer (`benchmark.judge_answers`);
 on the synthetic world the oracle also counts the facts of every detailed description, so the
 claim "RLAIF describes more accurately" is measured exactly, whichever judge grades.
 
@@ -19,15 +20,17 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from vlm_rlaif import benchmark, evaluation, generation, io, modeling, ppo
+from vlm_rlaif import benchmark, evaluation, generation, io, modeling, ppo, verdict
 from vlm_rlaif.benchmark import BenchmarkSets, Judge, LLMJudge, OracleJudge
 from vlm_rlaif.config import ConfigError, Params
+from vlm_rlaif.data import read_generic_qa
 from vlm_rlaif.llm_client import ChatClient
+from vlm_rlaif.synthetic.world import generate_world, video_folder
 
 OUT = Path("artifacts/evaluate")
 CHECKPOINTS = Path("artifacts/checkpoints/evaluate")
@@ -93,11 +96,12 @@ def _fingerprint(run: Run, params: Params, prepared: Path) -> str:
 
 
 def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkpoints: Path = CHECKPOINTS,
-           progress: bool = True) -> dict[str, list]:
+           progress: bool = True, video_root: str | Path | None = None) -> dict[str, list]:
     """The run's answers to every set, each set kept under `checkpoints` once answered; the
     model is loaded only if a set is missing. Set k is sampled under seed (seed, k), so a
     resumed run answers what an uninterrupted one would have."""
     folder = io.claim(checkpoints / run.model / f"seed-{run.seed}", _fingerprint(run, params, prepared))
+    video_root = params.data.eval_video_root if video_root is None else video_root
     answers, model = {}, None
     for index, key in enumerate(sets.questions()):
         path = folder / f"{key.replace('/', '_')}.json"
@@ -108,7 +112,7 @@ def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkp
             model, processor = load(run, params)
         torch.manual_seed(run.seed * 1_000 + index)
         answers[key] = benchmark.answer_sets(
-            model, processor, sets, only=[key], video_root=params.data.eval_video_root, num_frames=run.num_frames,
+            model, processor, sets, only=[key], video_root=video_root, num_frames=run.num_frames,
             max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature,
             batch_size=params.evaluate.batch_size, progress=progress,
         )[key]
@@ -138,12 +142,12 @@ def judge(params: Params, prepared: Path, checkpoints: Path = CHECKPOINTS) -> Ju
 
 def flat(summary: Mapping, facts: Mapping | None) -> dict[str, float | None]:
     """One run's numbers as flat metrics: the five dimensions and their mean, zero-shot accuracy
-    and score per benchmark, and (on the synthetic world) the oracle's description facts."""
+    and score per benchmark, and (on the synthetic world) the oracle's description facts and length."""
     row = dict(summary["video_chatgpt"])
     for name, qa in summary["zeroshot"].items():
         row[f"qa_{name}_accuracy"], row[f"qa_{name}_score"] = qa["accuracy"], qa["score"]
     if facts is not None:
-        row |= {f"description_{k}": facts[k] for k in ("precision", "recall", "f1", "perfect")}
+        row |= {f"description_{k}": facts[k] for k in ("precision", "recall", "f1", "perfect", "words")}
         row["hallucinated_per_answer"] = facts["hallucinated_per_answer"]
     return row
 
@@ -158,15 +162,58 @@ def spread(rows: Mapping[int, Mapping[str, float | None]]) -> dict[str, dict[str
     return out
 
 
-def target(models: Mapping[str, Mapping]) -> dict:
-    """The embedded default's claim: RLAIF beats SFT on the oracle's factual accuracy of detailed
-    descriptions by more than the seed-to-seed spread (the larger min-max range of the two)."""
-    sft, rlaif = (models[m]["seeds"] for m in ("sft", "rlaif"))
-    values = {m: [row[TARGET] for row in seeds.values()] for m, seeds in (("sft", sft), ("rlaif", rlaif))}
-    gain = float(np.mean(values["rlaif"]) - np.mean(values["sft"]))
-    width = max(max(v) - min(v) for v in values.values())
-    return {"metric": TARGET, "sft": round(float(np.mean(values["sft"])), 4), "rlaif": round(float(np.mean(values["rlaif"])), 4),
-            "gain": round(gain, 4), "spread": round(float(width), 4), "met": bool(gain > width), "seeds": len(values["rlaif"])}
+def spread_width(models: Mapping[str, Mapping]) -> float:
+    """The larger min-max range of SFT's and RLAIF's per-seed means of the target metric."""
+    return max(max(v) - min(v) for v in ([r[TARGET] for r in models[m]["seeds"].values()] for m in ("sft", "rlaif")))
+
+
+def description_measures(world: Mapping, sets: BenchmarkSets, answers: Sequence[str]) -> dict[str, list[float]]:
+    """Every oracle measure of every answer to the generic (description) questions."""
+    scores = evaluation.score_descriptions(world, sets.generic, answers)
+    return verdict.answer_measures(scores, answers)
+
+
+def target(measures: Mapping[str, Mapping[int, Mapping]], params: Params) -> dict:
+    """The embedded default's claim, RLAIF describes more accurately than SFT, tested on paired
+    answers (vlm_rlaif/verdict.py); `measures` holds each model's per-answer measures by seed."""
+    cfg = params.evaluate
+    out = verdict.verdict(measures["sft"], measures["rlaif"], level=cfg.confidence, resamples=cfg.resamples)
+    precision = out["measures"][verdict.TARGET]
+    return {"metric": TARGET, "sft": precision["sft"], "rlaif": precision["rlaif"], "gain": precision["gain"],
+            "interval": precision["interval"], **{k: v for k, v in out.items() if k != "metric"}}
+
+
+def world_sets(params: Params, seed: int, checkpoints: Path = CHECKPOINTS) -> tuple[Path, BenchmarkSets, dict]:
+    """(folder, description questions, scenes) of the eval split of the world regenerated under
+    `seed`, every other world setting as params.yaml's; written once, then reused."""
+    if params.world is None:
+        raise ConfigError("evaluate.worlds: extra worlds regenerate the synthetic world, and params.yaml has no `world` section")
+    if seed == params.world.seed:
+        raise ConfigError(f"evaluate.worlds: {seed} is world.seed, the default world, which is evaluated anyway")
+    cfg = dataclasses.replace(params.world, seed=seed)
+    folder = checkpoints / "worlds" / f"seed-{seed}"
+    stamp = folder / "world.json"
+    if not stamp.is_file() or io.read_json(stamp).get("config") != dataclasses.asdict(cfg):
+        generate_world(cfg, folder, splits=("eval",))
+    generic = read_generic_qa(folder / "eval/generic_qa.json").records[: params.evaluate.num_samples]
+    return folder, BenchmarkSets(generic, [], [], {}), io.read_json(folder / "scenes.json")
+
+
+def other_worlds(params: Params, evaluated: Sequence[Run], out: Path, checkpoints: Path, progress: bool) -> dict[str, dict]:
+    """The verdict on each world of `evaluate.worlds`: SFT and RLAIF answer its description
+    questions (answers kept as on the default world) and the oracle scores them."""
+    verdicts = {}
+    for seed in params.evaluate.worlds:
+        folder, sets, world = world_sets(params, seed, checkpoints)
+        measures: dict[str, dict[int, dict]] = {"sft": {}, "rlaif": {}}
+        for each in (r for r in evaluated if r.model in measures):
+            answers = answer(each, params, sets, folder, checkpoints / "worlds" / f"seed-{seed}" / "answers", progress,
+                             video_root=folder / "videos" / video_folder(params.world))["generic"]
+            measures[each.model][each.seed] = description_measures(world, sets, answers)
+            io.write_json(out / "worlds" / f"seed-{seed}" / each.model / f"seed-{each.seed}.json",
+                          {"answers": answers, "measures": measures[each.model][each.seed]})
+        verdicts[str(seed)] = target(measures, params)
+    return verdicts
 
 
 def run(params: Params, prepared: Path = Path("artifacts/prepare"), out: Path = OUT, checkpoints: Path = CHECKPOINTS,
@@ -176,22 +223,31 @@ def run(params: Params, prepared: Path = Path("artifacts/prepare"), out: Path = 
     grader, world = judge(params, prepared, checkpoints), scenes(prepared)
     evaluated = runs(params, **models)
     results: dict[str, dict] = {each.model: {"seeds": {}} for each in evaluated}
+    measures: dict[str, dict[int, dict]] = {each.model: {} for each in evaluated}
     judges: set[str] = set()
     with io.atomic_dir(out) as tmp:
         for each in evaluated:
             answers = answer(each, params, sets, prepared, checkpoints, progress)
             judged = benchmark.judge_answers(sets, answers, grader, progress=progress)
             summary = benchmark.summarise(judged)
-            facts = evaluation.oracle_description_scores(world, sets.generic, answers["generic"]) if world is not None else None
+            facts = None
+            if world is not None:
+                measures[each.model][each.seed] = description_measures(world, sets, answers["generic"])
+                facts = evaluation.oracle_description_scores(world, sets.generic, answers["generic"])
+                facts["words"] = float(np.mean(measures[each.model][each.seed]["words"]))
             judges.update(summary["judges"])
             io.write_json(tmp / each.model / f"seed-{each.seed}.json", {"summary": summary, "oracle_facts": facts, "judged": judged})
             results[each.model]["seeds"][each.seed] = {k: None if v is None else round(v, 4) for k, v in flat(summary, facts).items()}
+        worlds = other_worlds(params, evaluated, tmp, checkpoints, progress) if params.evaluate.worlds else {}
     for model in results.values():
         model |= spread(model["seeds"])
     metrics = {"judge": sorted(judges), "decoding": {"temperature": params.evaluate.temperature, "max_new_tokens": params.evaluate.max_new_tokens},
                "models": results}
     if world is not None:
-        metrics["target"] = target(results)
+        held = {str(params.world.seed) if params.world else "default": target(measures, params), **worlds}
+        metrics["target"] = held[next(iter(held))] | {"spread": round(spread_width(results), 4),
+                                                     "worlds": {k: v["met"] for k, v in held.items()}}
+        metrics["worlds"] = worlds
     return metrics
 
 

@@ -141,27 +141,36 @@ def _eval_video(cfg: WorldConfig, scene: Scene, rng: np.random.Generator, files:
     files["eval/consistency_qa.json"].append({"video_name": vid, "Q1": q1, "Q2": q2, "A": answer})
 
 
-def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = False) -> dict:
-    """Write every file of the world under `out` and return the number of records per file.
+def video_folder(cfg: WorldConfig) -> str:
+    """The folder under videos/ that holds the world's frame folders."""
+    return f"synthetic_{cfg.num_frames}frames"
+
+
+def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = False, splits: tuple[str, ...] = SPLITS) -> dict:
+    """Write every file of the world's `splits` under `out` and return the number of records
+    per file. A split's videos are the same whether or not the others are written.
 
     `out` is replaced whole, at the end: a killed run leaves the previous world intact and
     a finished one holds no stale videos from an earlier config.
     """
     cfg = from_dict(WorldConfig, dataclasses.asdict(cfg), "world")
+    if not splits or not set(splits) <= set(SPLITS):
+        raise ValueError(f"splits: expected some of {', '.join(SPLITS)}; got {splits}")
     with atomic_dir(out) as tmp:
-        return _write_world(cfg, tmp, progress)
+        return _write_world(cfg, tmp, progress, splits)
 
 
-def _write_world(cfg: WorldConfig, out: Path, progress: bool) -> dict:
-    folder = f"synthetic_{cfg.num_frames}frames"
+def _write_world(cfg: WorldConfig, out: Path, progress: bool, written: tuple[str, ...]) -> dict:
+    folder = video_folder(cfg)
     sizes = {"sft": cfg.num_sft_videos, "rl": cfg.num_rl_videos, "eval": cfg.num_eval_videos}
-    files: dict[str, list] = {name: [] for name in (*SFT_FILES, "RL_data.json", *EVAL_FILES)}
-    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    names = {"sft": SFT_FILES, "rl": ("RL_data.json",), "eval": EVAL_FILES}
+    files: dict[str, list] = {name: [] for split in written for name in names[split]}
+    splits: dict[str, list[str]] = {split: [] for split in written}
     scenes, pending = {}, []
-    bar = tqdm(total=sum(sizes.values()), desc="synthetic world", unit="video", disable=not progress)
-    for split in SPLITS:
-        for _ in range(sizes[split]):
-            index = sum(len(ids) for ids in splits.values())
+    bar = tqdm(total=sum(sizes[s] for s in written), desc="synthetic world", unit="video", disable=not progress)
+    for split in (s for s in SPLITS if s in written):
+        first = sum(sizes[s] for s in SPLITS[: SPLITS.index(split)])  # video ids number every split
+        for index in range(first, first + sizes[split]):
             vid = video_id(index)
             scene = sample_scene(
                 np.random.default_rng([cfg.seed, 0, index]), vid, cfg.num_frames, cfg.frame_size, cfg.max_objects, cfg.difficulty
@@ -179,7 +188,8 @@ def _write_world(cfg: WorldConfig, out: Path, progress: bool) -> dict:
             splits[split].append(vid)
             bar.update()
     bar.close()
-    files["SFT_judge.json"] = _judge_records(pending, np.random.default_rng([cfg.seed, 2]))
+    if "sft" in written:
+        files["SFT_judge.json"] = _judge_records(pending, np.random.default_rng([cfg.seed, 2]))
     for name, records in files.items():
         write_json(out / name, records)
     write_json(out / "scenes.json", scenes, indent=None)
