@@ -108,7 +108,7 @@ def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkp
             model, processor = load(run, params)
         torch.manual_seed(run.seed * 1_000 + index)
         answers[key] = benchmark.answer_sets(
-            model, processor, sets, only=[key], video_root=params.data.eval_video_root, num_frames=run.num_frames,
+            model, processor, sets, only=[key], video_root=params.data.eval_videos(key), num_frames=run.num_frames,
             max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature,
             batch_size=params.evaluate.batch_size, progress=progress,
         )[key]
