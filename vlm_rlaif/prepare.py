@@ -2,10 +2,12 @@
 
 Reads data/ (the release layout, PAPER.md, and the benchmarks as distributed: a zero-shot
 set's answers may come in a second file, each set may have its own video folder), checks
-every record and that its video is there and decodes (`data.check_media`), splits the SFT conversations into the curriculum's easy and hard halves by answer
-length, and writes the validated sets under artifacts/prepare/. Later stages read only
-those files, so a malformed record stops the pipeline here, named, before any training;
-with `data.on_bad_record: skip` it is left out instead and listed in reports/skipped_records.json.
+every record and that its video is there and decodes (`data.check_media`), splits the SFT
+conversations into the curriculum's easy and hard halves by answer length, and writes the
+validated sets under artifacts/prepare/ (each evaluation set merged, its answers joined in).
+Later stages read only those files, so a malformed record stops the pipeline here, named,
+before any training; with `data.on_bad_record: skip` it is left out instead and listed in
+reports/skipped_records.json.
 """
 
 from __future__ import annotations
