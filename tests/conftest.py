@@ -46,6 +46,28 @@ def make_project(root: Path, params: dict = PARAMS) -> None:
     generate_world(load_params(root / "params.yaml").world, root / "data")
 
 
+def split_qa(merged: Path, questions: Path, answers: Path, change=lambda rows: None) -> None:
+    """A merged zero-shot QA file written as benchmarks distribute theirs: the questions, and
+    the answers (in reverse order, then changed by `change`) joined by question_id."""
+    rows = json.loads(merged.read_text())
+    answer_rows = [{"answer": r.pop("answer"), "question_id": r["question_id"]} for r in rows[::-1]]
+    change(answer_rows)
+    questions.parent.mkdir(parents=True, exist_ok=True)
+    questions.write_text(json.dumps(rows))
+    answers.write_text(json.dumps(answer_rows))
+
+
+def two_file_zeroshot(root: Path, change=lambda rows: None) -> None:
+    """The project's zero-shot set split into eval/test_q.json and eval/test_a.json
+    (`split_qa`), named so in params.yaml."""
+    folder = root / "data/eval"
+    split_qa(folder / "zeroshot_qa.json", folder / "test_q.json", folder / "test_a.json", change)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    two_files = {"questions": "eval/test_q.json", "answers": "eval/test_a.json"}
+    params["data"] = {**params["data"], "zeroshot_qa_files": {"synthetic": two_files}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A fresh tiny project as the working directory."""

@@ -20,7 +20,7 @@ from PIL import Image
 from vlm_rlaif import prepare
 from vlm_rlaif.__main__ import main
 
-from conftest import PARAMS, ROOT, make_project, stage_env
+from conftest import PARAMS, ROOT, make_project, stage_env, two_file_zeroshot
 
 Edit = Callable[[Path], None]
 
@@ -107,15 +107,20 @@ def write_mp4(path: Path, frames: int = 8, size: int = 32) -> bytes:
     return path.read_bytes()
 
 
-def eval_video_file(content: Callable[[Path], bytes]) -> Edit:
-    """Replace the first eval video's frame folder by a <name>.mp4 holding `content(path)`."""
+def eval_video_file(content: Callable[[Path], bytes], suffix: str = ".mp4") -> Edit:
+    """Replace the first eval video's frame folder by a <name><suffix> holding `content(path)`."""
     def edit(root: Path) -> None:
         folder = eval_video(root)
         shutil.rmtree(folder)
-        path = folder.with_name(folder.name + ".mp4")
+        path = folder.with_name(folder.name + suffix)
         data = content(path)
         path.write_bytes(data)
     return edit
+
+
+def answers_edit(change: Callable[[list], object]) -> Edit:
+    """The zero-shot set in two files, joined by question_id, its answers changed by `change`."""
+    return lambda root: two_file_zeroshot(root, change)
 
 
 def truncated_mp4(path: Path) -> bytes:
@@ -153,6 +158,17 @@ PREPARE_CASES = [
     ("truncated video file", eval_video_file(truncated_mp4), ["qa.json, record 0", ".mp4"]),
     ("video file without a picture stream", eval_video_file(audio_only), ["qa.json, record 0", ".mp4"]),
     ("not a video at all", eval_video_file(lambda p: b"GIF89a" + bytes(range(256)) * 4), ["qa.json, record 0", ".mp4"]),
+    ("unreadable GIF", eval_video_file(lambda p: b"GIF89a" + bytes(range(256)) * 4, ".gif"),
+     ["qa.json, record 0", ".gif", "unreadable video"]),
+    ("answer for an unknown question_id",
+     answers_edit(lambda a: a[-1].update(question_id="nobody")),
+     ["data/eval/test_q.json, record 0", "has no answer in data/eval/test_a.json"]),
+    ("answer to no question",
+     answers_edit(lambda a: a.append({"answer": "red", "question_id": "nobody"})),
+     ["data/eval/test_a.json, record", "'nobody' has no question in data/eval/test_q.json"]),
+    ("unknown key of a zero-shot set",
+     set_params(data={"zeroshot_qa_files": {"msvd": {"questions": "q.json", "video": "v"}}}),
+     ["params.yaml", "data.zeroshot_qa_files.msvd.video: unknown key"]),
     ("file cut off mid-JSON", lambda root: (root / "data/SFT_long.json").write_text((root / "data/SFT_long.json").read_text()[:300]),
      ["data/SFT_long.json"]),
     ("an object, not a list", lambda root: (root / "data/RL_data.json").write_text('{"conversations": []}'), ["data/RL_data.json", "list"]),

@@ -81,6 +81,20 @@ def test_params_yaml_spells_out_every_knob():
         ("evaluate: {judge: {kind: gpt}}", "evaluate.judge.kind: 'gpt' is not one of"),
         ("base: {tiny: {image_size: 60, patch_size: 8}}", "base.tiny.image_size"),
         ("sft: {lora: {r: 0}}", "sft.lora.r: 0 must be > 0"),
+        ("data: {zeroshot_qa_files: {msvd: {questions: 3}}}",
+         "data.zeroshot_qa_files.msvd.questions: expected a string"),
+        ("data: {zeroshot_qa_files: {msvd: {answers: a.json}}}",
+         "data.zeroshot_qa_files.msvd.questions: missing"),
+        ("data: {zeroshot_qa_files: {msvd: {questions: q.json, answer: a.json}}}",
+         "data.zeroshot_qa_files.msvd.answer: unknown key "
+         "(known keys here: questions, answers, videos)"),
+        ("data: {zeroshot_qa_files: {msvd: [q.json]}}",
+         "data.zeroshot_qa_files.msvd: ['q.json'] matches none of"),
+        ("data: {generic_qa_file: {path: g.json, video: v}}",
+         "data.generic_qa_file.video: unknown key"),
+        ("data: {consistency_qa_file: {videos: v}}", "data.consistency_qa_file.path: missing"),
+        ("evaluate: {released: {theirs: {num_frames: 8}}}",
+         "evaluate.released.theirs.path: missing"),
         ("- a\n- b", "expected a mapping"),
     ],
 )
@@ -89,6 +103,42 @@ def test_bad_params_name_the_key(tmp_path, text, named):
         load_params(_write(tmp_path, text))
     assert named in str(e.value)
     assert str(tmp_path / "p.yaml") in str(e.value)
+
+
+def test_evaluation_sets_take_a_path_or_their_files_and_video_folder(tmp_path):
+    data = load_params(_write(tmp_path, """
+data:
+  eval_video_root: data/eval
+  zeroshot_qa_files:
+    merged: eval/qa.json
+    msvd:
+      questions: eval/MSVD/test_q.json
+      answers: eval/MSVD/test_a.json
+      videos: data/eval/MSVD/videos
+    tgif: {questions: eval/TGIF/test_q.json, answers: eval/TGIF/test_a.json}
+  generic_qa_file: {path: eval/generic_qa.json, videos: data/eval/Test_Videos}
+  temporal_qa_file: null
+""")).data
+    sets = data.zeroshot_sets()
+    assert (sets["merged"].questions, sets["merged"].answers) == ("eval/qa.json", None)
+    assert sets["msvd"].answers == "eval/MSVD/test_a.json"
+    folders = [data.eval_videos(f"zeroshot/{name}") for name in sets]
+    assert folders == ["data/eval", "data/eval/MSVD/videos", "data/eval"]
+    assert list(data.benchmark_sets()) == ["generic", "consistency"]
+    assert data.eval_videos("generic") == "data/eval/Test_Videos"
+    assert data.eval_videos("consistency") == "data/eval"
+
+
+@pytest.mark.parametrize("profile", ["paper.yaml", "paper_qwen.yaml"])
+def test_paper_profiles_read_the_benchmarks_as_distributed(profile):
+    data = load_params(ROOT / "params" / profile).data
+    sets = data.zeroshot_sets()
+    assert list(sets) == ["msvd", "msrvtt", "tgif", "activitynet"]
+    assert all(files.questions.endswith("test_q.json") for files in sets.values())
+    assert all(files.answers.endswith("test_a.json") for files in sets.values())
+    assert len({data.eval_videos(f"zeroshot/{name}") for name in sets}) == 4  # a folder per set
+    benchmark = {data.eval_videos(name) for name in ("generic", "temporal", "consistency")}
+    assert benchmark == {"data/eval/Test_Videos"}
 
 
 def test_missing_and_unparsable_files(tmp_path):

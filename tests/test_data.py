@@ -273,6 +273,90 @@ def test_whole_file_errors_name_the_file(tmp_path):
         read_sft(tmp_path / "object.json", on_bad_record="ignore")
 
 
+# --------------------------------------------------------------------------- two-file zero-shot QA
+
+# ActivityNet-QA as distributed: test_q.json names the video without "v_"; test_a.json, in
+# another order, carries each answer and its type under the same question_id.
+QUESTIONS = [
+    {"video_name": "k3Jd9aQp0Zc", "question_id": "k3Jd9aQp0Zc_0", "question": "what is he doing"},
+    {"video_name": "k3Jd9aQp0Zc", "question_id": "k3Jd9aQp0Zc_1", "question": "is he outdoors"},
+    {"video_name": "Zx8zlbyL0l4", "question_id": 7, "question": "what color is the dog"},
+]
+ANSWERS = [
+    {"answer": "brown", "type": 4, "question_id": 7},
+    {"answer": "yes", "type": 3, "question_id": "k3Jd9aQp0Zc_1"},
+    {"answer": "surfing", "type": 0, "question_id": "k3Jd9aQp0Zc_0"},
+]
+ANSWER_OF = {a["question_id"]: a["answer"] for a in ANSWERS}
+
+
+def two_files(tmp_path: Path, questions: list, answers: list, suffix: str = ".json") -> tuple:
+    q_path = write_raw(tmp_path / f"test_q{suffix}", questions)
+    return q_path, write_raw(tmp_path / f"test_a{suffix}", answers)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_two_file_form_joins_answers_by_question_id_not_position(tmp_path, suffix):
+    questions, answers = two_files(tmp_path, QUESTIONS, ANSWERS, suffix)
+    records, skipped = read_zeroshot_qa(questions, answers=answers)
+    assert skipped == []
+    assert [r.question_id for r in records] == ["k3Jd9aQp0Zc_0", "k3Jd9aQp0Zc_1", 7]
+    assert [r.answer for r in records] == ["surfing", "yes", "brown"]
+    assert records[2].to_dict() == {"video_name": "Zx8zlbyL0l4", "question_id": 7,
+                                    "question": "what color is the dog", "answer": "brown",
+                                    "type": 4}
+    merged = write_raw(tmp_path / "merged.json", [r.to_dict() for r in records])
+    assert read_zeroshot_qa(merged).records == records  # as prepare writes it: the merged form
+
+
+def test_answers_file_answer_wins_over_one_in_the_question(tmp_path):
+    questions, answers = two_files(tmp_path, [QUESTIONS[2] | {"answer": "stale"}], ANSWERS[:1])
+    assert read_zeroshot_qa(questions, answers=answers).records[0].answer == "brown"
+
+
+# (case, questions, answers, file and record named, message)
+UNMATCHED = [
+    ("question without an answer", QUESTIONS, ANSWERS[:2], "test_q", 0,
+     "question_id 'k3Jd9aQp0Zc_0' has no answer in {answers}"),
+    ("answer without a question", QUESTIONS[1:], ANSWERS, "test_a", 2,
+     "question_id 'k3Jd9aQp0Zc_0' has no question in {questions}"),
+    ("answer id of another type", QUESTIONS[2:], [ANSWERS[0] | {"question_id": "7"}], "test_q", 0,
+     "question_id 7 has no answer in {answers}"),
+    ("question asked twice", QUESTIONS + QUESTIONS[2:], ANSWERS, "test_q", 3,
+     "question_id 7 is asked already by {questions}, record 2"),
+    ("answer given twice", QUESTIONS, ANSWERS + ANSWERS[:1], "test_a", 3,
+     "question_id 7 is answered already by {answers}, record 0"),
+    ("answer without question_id", QUESTIONS, [{"answer": "x"}] + ANSWERS, "test_a", 0,
+     'missing "question_id"'),
+    ("answer that is not text", QUESTIONS, [ANSWERS[0] | {"answer": 3}] + ANSWERS[1:], "test_a", 0,
+     '"answer" must be a string, got 3'),
+]
+
+
+@pytest.mark.parametrize("case", UNMATCHED, ids=[case[0] for case in UNMATCHED])
+def test_two_file_form_names_each_unmatched_record(tmp_path, case):
+    _, questions, answers, file, record, message = case
+    q_path, a_path = two_files(tmp_path, questions, answers)
+    named = message.format(questions=q_path, answers=a_path)
+    expected = f"{tmp_path / file}.json, record {record}: {named}"
+    with pytest.raises(RecordError) as error:
+        read_zeroshot_qa(q_path, answers=a_path)
+    assert str(error.value) == expected
+
+    records, skipped = read_zeroshot_qa(q_path, answers=a_path, on_bad_record="skip")
+    assert expected in [message for _, message in skipped]
+    assert all(r.answer == ANSWER_OF[r.question_id] for r in records)
+
+
+def test_skip_mode_leaves_out_unanswered_questions_by_their_index(tmp_path):
+    answers = ANSWERS[:1] + [{"answer": "no", "question_id": "gone"}]
+    q_path, a_path = two_files(tmp_path, QUESTIONS, answers)
+    records, skipped = read_zeroshot_qa(q_path, answers=a_path, on_bad_record="skip")
+    assert [r.question_id for r in records] == [7]
+    assert [index for index, _ in skipped] == [0, 1, 3]  # both questions, then the extra answer
+    assert "test_a.json, record 1: question_id 'gone' has no question" in skipped[2][1]
+
+
 def test_media_of_a_record_built_in_code_cannot_leave_the_root(tmp_path):
     record = RLPrompt(conversations=[Turn("human", "<image>\nq")], images=["../../outside.png"], uid=1)
     with pytest.raises(VideoError, match="leaves the video root"):

@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from vlm_rlaif import base, evaluate, ppo, preferences, prepare, reward_model, sft
-from vlm_rlaif.config import load_params
+from vlm_rlaif.config import DataConfig, from_dict, load_params
 from vlm_rlaif.data import write_records
 from vlm_rlaif.preferences import preference_record
 from vlm_rlaif.tiny import build_tiny_model
 
-from conftest import PARAMS, ROOT, TINY_VLM, hand_judged, make_project, serving
+from conftest import PARAMS, ROOT, TINY_VLM, hand_judged, make_project, serving, split_qa
 from test_evaluate import JudgeServer
 from test_modeling import build_tiny_qwen
 
@@ -47,14 +47,24 @@ def stand_in(profile: dict, policy: Path, reward: Path, judge_url: str) -> dict:
 
 
 def release_layout(root: Path, data: dict) -> None:
-    """The synthetic world's files under the names of the paper's release (PAPER.md)."""
+    """The synthetic world's files under the names of the paper's release (PAPER.md) and of the
+    benchmarks as distributed: each zero-shot set in two files, each set's video folder a link
+    to the world's videos."""
     d = root / "data"
     shutil.copy(d / "SFT_short.json", d / data["policy_init_file"])
     judged = [r for r in hand_judged(root) if r["dropped"] is None]
     write_records(d / data["preference_file"], [preference_record(r) for r in judged])
-    for name in [*data["zeroshot_qa_files"].values()]:
-        shutil.copy(d / "eval/zeroshot_qa.json", d / name)
-    (root / data["eval_video_root"]).symlink_to(d / "videos/synthetic_8frames", target_is_directory=True)
+    sets = from_dict(DataConfig, data, "data")
+    for files in sets.zeroshot_sets().values():
+        split_qa(d / "eval/zeroshot_qa.json", d / files.questions, d / files.answers)
+    for name, file in sets.benchmark_sets().items():
+        (d / file.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(d / f"eval/{name}_qa.json", d / file.path)
+    folders = [files.videos for files in sets.zeroshot_sets().values()]
+    folders += [file.videos for file in sets.benchmark_sets().values()]
+    for folder in map(root.joinpath, sorted(set(folders))):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.symlink_to(d / "videos/synthetic_8frames", target_is_directory=True)
 
 
 @pytest.fixture(scope="module")

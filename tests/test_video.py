@@ -12,6 +12,7 @@ from PIL import Image
 
 from vlm_rlaif.video import (
     VideoError,
+    check_readable,
     list_frames,
     load_clips,
     load_video,
@@ -52,6 +53,13 @@ def write_video(path: Path, num_frames: int = NUM_FRAMES, codec: str = "libx264"
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def write_gif(path: Path, num_frames: int = NUM_FRAMES) -> Path:
+    """An animated GIF (TGIF-QA's format); each frame one flat colour, so the palette is exact."""
+    frames = [Image.fromarray(frame_image(i)) for i in range(num_frames)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
     return path
 
 
@@ -152,6 +160,31 @@ def test_pyav_counts_frames_when_the_container_does_not(tmp_path, suffix, codec)
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 0  # the count must come from the packets
     assert frame_ids(load_video(path, 5, backend="pyav")) == sample_indices(NUM_FRAMES, 5).tolist()
+
+
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_animated_gif_returns_the_sampled_frames(tmp_path, backend):
+    frames = load_video(write_gif(tmp_path / "tumblr_abc.gif"), 8, backend=backend)
+    assert frames.dtype == np.uint8 and frames.shape == (8, SIZE, SIZE, 3)
+    assert frame_ids(frames) == sample_indices(NUM_FRAMES, 8).tolist()
+    assert np.abs(frames[3].astype(int) - frame_image(frame_ids(frames)[3])).max() <= 2
+
+
+def test_msvd_avi_returns_the_sampled_frames(tmp_path):
+    path = write_video(tmp_path / "-4wsuPCjDBc_5_15.avi", codec="mpeg4")
+    assert frame_ids(load_video(path, 6)) == sample_indices(NUM_FRAMES, 6).tolist()
+
+
+@pytest.mark.parametrize("content", [b"GIF89a" + bytes(range(256)) * 4, b"GIF89a\x10\x00", b""],
+                         ids=["garbage after the header", "header cut short", "zero bytes"])
+def test_corrupt_gif_is_an_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "tumblr_bad.gif"
+    path.write_bytes(content)
+    with pytest.raises(VideoError, match="tumblr_bad.gif: ") as error:
+        load_video(path, 8)
+    assert "decord" not in str(error.value)  # a GIF goes to PyAV alone
+    with pytest.raises(VideoError, match="tumblr_bad.gif: "):
+        check_readable(path, 8)
 
 
 def test_auto_falls_back_to_pyav_without_decord(mp4, monkeypatch):
@@ -281,13 +314,38 @@ def test_resolve_video_tries_name_then_extensions(tmp_path, frame_folder):
     assert resolve_video(root, "exact.avi") == root / "exact.avi"
     assert resolve_video(root, "v_frames") == root / "v_frames"
     assert resolve_video(root, "sub/../v_abc.mkv") == root / "v_abc.mkv"
-    with pytest.raises(VideoError, match=r"missing: video not found \(tried missing, missing.mp4"):
+    tried = r"missing: video not found \(tried missing, v_missing, as given and with \.mp4, .*\.avi.*\.gif"
+    with pytest.raises(VideoError, match=tried):
         resolve_video(root, "missing")
+
+
+@pytest.mark.parametrize("name, files, found", [
+    ("k3Jd9aQp0Zc", ["v_k3Jd9aQp0Zc.mp4"], "v_k3Jd9aQp0Zc.mp4"),  # ActivityNet-QA names the bare id
+    ("k3Jd9aQp0Zc", ["v_k3Jd9aQp0Zc.webm", "other.mp4"], "v_k3Jd9aQp0Zc.webm"),
+    ("split/k3Jd9aQp0Zc", ["split/v_k3Jd9aQp0Zc.mkv"], "split/v_k3Jd9aQp0Zc.mkv"),
+    ("k3Jd9aQp0Zc", ["k3Jd9aQp0Zc.mkv", "v_k3Jd9aQp0Zc.mp4"], "k3Jd9aQp0Zc.mkv"),  # the name as given first
+    ("v_k3Jd9aQp0Zc", ["v_k3Jd9aQp0Zc.mp4"], "v_k3Jd9aQp0Zc.mp4"),  # Video-ChatGPT's files carry it
+    ("tumblr_abc", ["tumblr_abc.gif"], "tumblr_abc.gif"),
+    ("-4wsuPCjDBc_5_15", ["-4wsuPCjDBc_5_15.avi"], "-4wsuPCjDBc_5_15.avi"),
+    ("video7010", ["video7010.mp4"], "video7010.mp4"),
+])
+def test_resolve_video_knows_the_benchmarks_names(tmp_path, name, files, found):
+    for file in files:
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_bytes(b"x")
+    assert resolve_video(tmp_path, name) == tmp_path / found
+
+
+def test_a_prefixed_name_is_not_prefixed_again(tmp_path):
+    (tmp_path / "v_v_abc.mp4").write_bytes(b"x")
+    with pytest.raises(VideoError, match=r"tried v_abc, as given"):
+        resolve_video(tmp_path, "v_abc")
 
 
 @pytest.mark.parametrize("name", ["../outside", "a/../../outside", "/etc/passwd", ".", ""])
 def test_paths_cannot_leave_the_root(tmp_path, name):
     (tmp_path / "outside.mp4").write_bytes(b"x")
+    (tmp_path / "v_outside.mp4").write_bytes(b"x")
     root = tmp_path / "videos"
     root.mkdir()
     with pytest.raises(VideoError):

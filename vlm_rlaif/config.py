@@ -86,8 +86,32 @@ class CurriculumConfig:
 
 
 @dataclass
+class ZeroShotFiles:
+    """A zero-shot QA set as its benchmark distributes it: the questions, the answers when they
+    come in a second file (joined by question_id), and the set's own video folder. The files
+    are under data.root; the folder is a path like data.eval_video_root."""
+
+    questions: str
+    answers: str | None = None  # None: each question record carries its "answer"
+    videos: str | None = None  # None: data.eval_video_root
+
+
+@dataclass
+class BenchmarkFile:
+    """A Video-ChatGPT benchmark file (under data.root) and the set's own video folder."""
+
+    path: str
+    videos: str | None = None  # None: data.eval_video_root
+
+
+@dataclass
 class DataConfig:
-    """Where the raw data lives (release layout, PAPER.md) and how records are read."""
+    """Where the raw data lives (release layout, PAPER.md) and how records are read.
+
+    Each evaluation set is a path (its questions with their answers, videos under
+    eval_video_root) or a mapping: `ZeroShotFiles` for a zero-shot QA set, `BenchmarkFile`
+    for a Video-ChatGPT benchmark file.
+    """
 
     root: str = "data"
     video_root: str = "data/videos"
@@ -97,16 +121,46 @@ class DataConfig:
     policy_init_file: str | None = None
     rl_file: str = "RL_data.json"
     preference_file: str | None = None
-    zeroshot_qa_files: dict[str, str] = field(default_factory=lambda: {"synthetic": "eval/zeroshot_qa.json"})
-    generic_qa_file: str | None = "eval/generic_qa.json"
-    temporal_qa_file: str | None = "eval/temporal_qa.json"
-    consistency_qa_file: str | None = "eval/consistency_qa.json"
+    zeroshot_qa_files: dict[str, str | ZeroShotFiles] = field(
+        default_factory=lambda: {"synthetic": "eval/zeroshot_qa.json"}
+    )
+    generic_qa_file: str | BenchmarkFile | None = "eval/generic_qa.json"
+    temporal_qa_file: str | BenchmarkFile | None = "eval/temporal_qa.json"
+    consistency_qa_file: str | BenchmarkFile | None = "eval/consistency_qa.json"
     eval_video_root: str = "data/videos/synthetic_16frames"
     scenes_file: str | None = "scenes.json"
     num_frames: int = field(default=8, metadata=positive())
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     on_bad_record: Literal["stop", "skip"] = "stop"
     check_media: Literal["decode", "exists"] = "decode"
+
+    def zeroshot_sets(self) -> dict[str, ZeroShotFiles]:
+        """Every zero-shot QA set in the mapping form, its video folder filled in."""
+        sets = {}
+        for name, files in self.zeroshot_qa_files.items():
+            if files:
+                files = ZeroShotFiles(questions=files) if isinstance(files, str) else files
+                sets[name] = dataclasses.replace(files, videos=files.videos or self.eval_video_root)
+        return sets
+
+    def benchmark_sets(self) -> dict[str, BenchmarkFile]:
+        """The Video-ChatGPT benchmark's sets that have a file (generic, temporal, consistency),
+        in the mapping form, each video folder filled in."""
+        files = {"generic": self.generic_qa_file, "temporal": self.temporal_qa_file,
+                 "consistency": self.consistency_qa_file}
+        sets = {}
+        for name, file in files.items():
+            if file:
+                file = BenchmarkFile(path=file) if isinstance(file, str) else file
+                sets[name] = dataclasses.replace(file, videos=file.videos or self.eval_video_root)
+        return sets
+
+    def eval_videos(self, key: str) -> str:
+        """The video folder of an evaluation set by its answer-set key ("generic",
+        "zeroshot/msvd"): its own, else eval_video_root."""
+        own = {f"zeroshot/{name}": files.videos for name, files in self.zeroshot_sets().items()}
+        own |= {name: file.videos for name, file in self.benchmark_sets().items()}
+        return own.get(key, self.eval_video_root)
 
 
 @dataclass
@@ -389,6 +443,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _takes_mapping(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting nested dataclasses."""
     origin = typing.get_origin(tp)
@@ -399,8 +457,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return None
             raise ConfigError(f"{key}: must not be null")
         inner = [a for a in args if a is not type(None)]
+        # A mapping is checked against the mapping forms only, so their error names its sub-key.
+        mapped = [a for a in inner if _takes_mapping(a)] if isinstance(value, Mapping) else []
         errors = []
-        for a in inner:
+        for a in mapped or inner:
             try:
                 return _convert(value, a, key)
             except ConfigError as e:
@@ -462,6 +522,12 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
     if unknown:
         name = f"{key}.{unknown[0]}" if key else str(unknown[0])
         raise ConfigError(f"{name}: unknown key (known keys here: {', '.join(fields)})")
+    unset = dataclasses.MISSING
+    required = [n for n, f in fields.items() if f.default is unset and f.default_factory is unset]
+    missing = [n for n in required if n not in data]
+    if missing:
+        name = f"{key}.{missing[0]}" if key else missing[0]
+        raise ConfigError(f"{name}: missing (this key is required)")
     kwargs = {}
     for name, value in data.items():
         sub = f"{key}.{name}" if key else name

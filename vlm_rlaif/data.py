@@ -5,6 +5,9 @@ SFT conversations, AI preference pairs, RL prompts, and the three evaluation for
 synthetic world writes exactly these formats, so the same readers serve the embedded
 default and the real release.
 
+Zero-shot QA benchmarks come either merged (one list, each question with its answer) or as
+distributed: a questions file and an answers file joined by "question_id".
+
 A malformed record raises `RecordError` naming the file, the record (its index in a JSON
 list, its line in JSONL) and the field, before any stage spends time on it. With
 `on_bad_record="skip"` the reader keeps going and returns the skipped records' messages,
@@ -417,12 +420,89 @@ def _entries(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path}, record {i}", d) for i, d in enumerate(data)]
 
 
-def read_records(path: str | os.PathLike, kind: type[Record], on_bad_record: Literal["stop", "skip"] = "stop") -> ReadResult[Record]:
-    """Every record of `kind` in `path` (a JSON list, or JSONL when named *.jsonl)."""
+def _question_id(raw: Any, where: str) -> str | int:
+    """The "question_id" of a raw question or answer record: the key that joins the two."""
+    if isinstance(raw, RecordError):
+        raise raw
+    return _field(_object(raw, where), "question_id", where, _is_id, "a string or an integer")
+
+
+class _Answer(NamedTuple):
+    index: int  # in the answers file, so left-over answers are reported in its order
+    where: str
+    record: dict
+
+
+def _answers_by_id(path: Path) -> tuple[dict[Any, _Answer], list[tuple[int, str, RecordError]]]:
+    """The answer records of `path` by question_id, and (index, where, error) for each record
+    without a usable question_id or with one an earlier answer already has."""
+    by_id: dict[Any, _Answer] = {}
+    bad: list[tuple[int, str, RecordError]] = []
+    for index, (where, raw) in enumerate(_entries(path)):
+        try:
+            qid = _question_id(raw, where)
+        except RecordError as e:
+            bad.append((index, where, e))
+            continue
+        if qid in by_id:
+            message = f"{where}: question_id {qid!r} is answered already by {by_id[qid].where}"
+            bad.append((index, where, RecordError(message)))
+        else:
+            by_id[qid] = _Answer(index, where, raw)
+    return by_id, bad
+
+
+def _with_answer(
+    raw: Any, where: str, answers: Path, by_id: dict[Any, _Answer], asked: dict[Any, str]
+) -> Any:
+    """The question record with the fields of its answer in `answers` (whose "answer" wins),
+    or the RecordError that says why it has none; `asked` collects the question_ids seen."""
+    try:
+        qid = _question_id(raw, where)
+    except RecordError as e:
+        return e
+    if qid in asked:
+        return RecordError(f"{where}: question_id {qid!r} is asked already by {asked[qid]}")
+    asked[qid] = where
+    if qid not in by_id:
+        return RecordError(f"{where}: question_id {qid!r} has no answer in {answers}")
+    answer = by_id[qid]
+    try:
+        value = _field(answer.record, "answer", answer.where, _is_str, "a string")
+    except RecordError as e:
+        return e
+    return {**raw, **{k: v for k, v in answer.record.items() if k not in raw}, "answer": value}
+
+
+def _joined_entries(questions: Path, answers: Path) -> list[tuple[str, Any]]:
+    """The questions' entries joined to their answers by question_id, then an error entry for
+    each answer record that no question asks for or that is malformed, in its file's order."""
+    by_id, bad = _answers_by_id(answers)
+    asked: dict[Any, str] = {}
+    entries = [(where, _with_answer(raw, where, answers, by_id, asked))
+               for where, raw in _entries(questions)]
+    for qid, answer in by_id.items():
+        if qid not in asked:
+            message = f"{answer.where}: question_id {qid!r} has no question in {questions}"
+            bad.append((answer.index, answer.where, RecordError(message)))
+    return entries + [(where, error) for _, where, error in sorted(bad, key=lambda e: e[0])]
+
+
+def _check_policy(on_bad_record: str) -> None:
     if on_bad_record not in ("stop", "skip"):
         raise ValueError(f"on_bad_record must be 'stop' or 'skip', got {on_bad_record!r}")
+
+
+def read_records(path: str | os.PathLike, kind: type[Record], on_bad_record: Literal["stop", "skip"] = "stop") -> ReadResult[Record]:
+    """Every record of `kind` in `path` (a JSON list, or JSONL when named *.jsonl)."""
+    _check_policy(on_bad_record)
+    return _parse(_entries(Path(path)), kind, on_bad_record)
+
+
+def _parse(entries: list[tuple[str, Any]], kind: type[Record], on_bad_record: str) -> ReadResult:
+    """Records of `kind` from (where, raw) entries; a bad one raises or is skipped by its index."""
     records, skipped = [], []
-    for index, (where, raw) in enumerate(_entries(Path(path))):
+    for index, (where, raw) in enumerate(entries):
         try:
             if isinstance(raw, RecordError):
                 raise raw
@@ -446,8 +526,18 @@ def read_rl_prompts(path: str | os.PathLike, on_bad_record: Literal["stop", "ski
     return read_records(path, RLPrompt, on_bad_record)
 
 
-def read_zeroshot_qa(path: str | os.PathLike, on_bad_record: Literal["stop", "skip"] = "stop") -> ReadResult[ZeroShotQA]:
-    return read_records(path, ZeroShotQA, on_bad_record)
+def read_zeroshot_qa(
+    path: str | os.PathLike,
+    on_bad_record: Literal["stop", "skip"] = "stop",
+    answers: str | os.PathLike | None = None,
+) -> ReadResult[ZeroShotQA]:
+    """Zero-shot QA records: merged in `path`, or questions in `path` and their answers in
+    `answers`, joined by question_id. A question without an answer, or an answer without a
+    question, is a bad record of its file; in skip mode the unanswered question is left out."""
+    if answers is None:
+        return read_records(path, ZeroShotQA, on_bad_record)
+    _check_policy(on_bad_record)
+    return _parse(_joined_entries(Path(path), Path(answers)), ZeroShotQA, on_bad_record)
 
 
 def read_generic_qa(path: str | os.PathLike, on_bad_record: Literal["stop", "skip"] = "stop") -> ReadResult[GenericQA]:

@@ -85,11 +85,13 @@ def load(run: Run, params: Params):
     return PeftModel.from_pretrained(model, run.folder).merge_and_unload(), processor
 
 
-def _fingerprint(run: Run, params: Params, prepared: Path) -> str:
-    """What a run's answers depend on: the code that writes them, the decoding, the sets and the model."""
+def _fingerprint(run: Run, params: Params, prepared: Path, videos: Mapping[str, str]) -> str:
+    """What a run's answers depend on: the code that writes them, the decoding, the sets, their
+    video folders and the model."""
     code = [Path(m.__file__) for m in (sys.modules[__name__], benchmark, evaluation, generation, modeling)]
-    settings = {"seed": run.seed, "decoding": {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k not in ("judge", "released")},
-                "num_frames": run.num_frames}
+    grading = ("judge", "released", "confidence", "resamples", "worlds")  # what happens after the answers
+    settings = {"seed": run.seed, "decoding": {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k not in grading},
+                "num_frames": run.num_frames, "videos": dict(videos)}
     files = [p for p in sorted(run.folder.rglob("*")) if p.is_file()]
     small = [p for p in files if p.stat().st_size <= LARGE_FILE]
     return io.run_stamp(code, settings, [*sorted((prepared / "eval").glob("*.json")), *small], [run.folder])
@@ -99,9 +101,10 @@ def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkp
            progress: bool = True, video_root: str | Path | None = None) -> dict[str, list]:
     """The run's answers to every set, each set kept under `checkpoints` once answered; the
     model is loaded only if a set is missing. Set k is sampled under seed (seed, k), so a
-    resumed run answers what an uninterrupted one would have."""
-    folder = io.claim(checkpoints / run.model / f"seed-{run.seed}", _fingerprint(run, params, prepared))
-    video_root = params.data.eval_video_root if video_root is None else video_root
+    resumed run answers what an uninterrupted one would have. Videos are read from each set's
+    folder (data.eval_videos), or from `video_root` where given."""
+    videos = {key: str(video_root or params.data.eval_videos(key)) for key in sets.questions()}
+    folder = io.claim(checkpoints / run.model / f"seed-{run.seed}", _fingerprint(run, params, prepared, videos))
     answers, model = {}, None
     for index, key in enumerate(sets.questions()):
         path = folder / f"{key.replace('/', '_')}.json"
@@ -112,7 +115,7 @@ def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkp
             model, processor = load(run, params)
         torch.manual_seed(run.seed * 1_000 + index)
         answers[key] = benchmark.answer_sets(
-            model, processor, sets, only=[key], video_root=video_root, num_frames=run.num_frames,
+            model, processor, sets, only=[key], video_root=videos[key], num_frames=run.num_frames,
             max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature,
             batch_size=params.evaluate.batch_size, progress=progress,
         )[key]

@@ -1,16 +1,20 @@
 """The `prepare` stage: validate the raw data once and lay out every later stage's inputs.
 
-Reads data/ (the release layout, PAPER.md), checks every record and that its video is
-there and decodes (`data.check_media`), splits the SFT conversations into the curriculum's easy and hard halves by answer
-length, and writes the validated sets under artifacts/prepare/. Later stages read only
-those files, so a malformed record stops the pipeline here, named, before any training;
-with `data.on_bad_record: skip` it is left out instead and listed in reports/skipped_records.json.
+Reads data/ (the release layout, PAPER.md, and the benchmarks as distributed: a zero-shot
+set's answers may come in a second file, each set may have its own video folder), checks
+every record and that its video is there and decodes (`data.check_media`), splits the SFT
+conversations into the curriculum's easy and hard halves by answer length, and writes the
+validated sets under artifacts/prepare/ (each evaluation set merged, its answers joined in).
+Later stages read only those files, so a malformed record stops the pipeline here, named,
+before any training; with `data.on_bad_record: skip` it is left out instead and listed in
+reports/skipped_records.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +22,7 @@ import numpy as np
 
 from vlm_rlaif import data as records
 from vlm_rlaif import io
-from vlm_rlaif.config import ConfigError, Params
+from vlm_rlaif.config import ConfigError, DataConfig, Params
 from vlm_rlaif.video import VideoError, check_readable, resolve_video
 
 OUT = Path("artifacts/prepare")
@@ -72,7 +76,6 @@ class _Reader:
     def __init__(self, params: Params):
         self.root = Path(params.data.root)
         self.video_root = Path(params.data.video_root)
-        self.eval_video_root = Path(params.data.eval_video_root)
         self.policy = params.data.on_bad_record
         self.decode = params.data.check_media == "decode"
         self.num_frames = params.data.num_frames
@@ -127,17 +130,32 @@ class _Reader:
 
         return self._read(name, read, missing_media)
 
-    def questions(self, name: str, read: Callable) -> list:
-        """Benchmark questions whose `video_name` resolves under the evaluation video root."""
+    def questions(self, name: str, read: Callable, video_root: str) -> list:
+        """Benchmark questions whose `video_name` resolves under their set's video folder."""
 
         def unresolved(question) -> str | None:
             try:
-                path = resolve_video(self.eval_video_root, question.video_name)
+                path = resolve_video(video_root, question.video_name)
             except VideoError as e:
                 return str(e)
             return self._unreadable_media(path) if self.decode else None
 
         return self._read(name, read, unresolved)
+
+
+def _eval_sources(cfg: DataConfig) -> dict[str, tuple[str, Callable, str]]:
+    """Each evaluation set to write, by its name under `out`: (its questions file under
+    data.root, the reader that joins its answers, its video folder)."""
+    sources = {}
+    for name, files in cfg.zeroshot_sets().items():
+        answers = Path(cfg.root) / files.answers if files.answers else None
+        read = partial(records.read_zeroshot_qa, answers=answers)
+        sources[f"eval/zeroshot_{name}.json"] = (files.questions, read, files.videos)
+    readers = {"generic": records.read_generic_qa, "temporal": records.read_generic_qa,
+               "consistency": records.read_consistency_qa}
+    for name, file in cfg.benchmark_sets().items():
+        sources[f"eval/{name}_qa.json"] = (file.path, readers[name], file.videos)
+    return sources
 
 
 def run(params: Params, out: Path = OUT, skipped: Path = SKIPPED) -> Prepared:
@@ -168,15 +186,8 @@ def run(params: Params, out: Path = OUT, skipped: Path = SKIPPED) -> Prepared:
         if source:
             add(name, source, reader.dialogues(source, read))
 
-    question_files = {f"eval/zeroshot_{benchmark}.json": (source, records.read_zeroshot_qa) for benchmark, source in cfg.zeroshot_qa_files.items()}
-    question_files |= {
-        "eval/generic_qa.json": (cfg.generic_qa_file, records.read_generic_qa),
-        "eval/temporal_qa.json": (cfg.temporal_qa_file, records.read_generic_qa),
-        "eval/consistency_qa.json": (cfg.consistency_qa_file, records.read_consistency_qa),
-    }
-    for name, (source, read) in question_files.items():
-        if source:
-            add(name, source, reader.questions(source, read))
+    for name, (source, read, videos) in _eval_sources(cfg).items():
+        add(name, source, reader.questions(source, read, videos))
 
     prepared = Prepared(
         counts={name.removesuffix(".json"): len(rows) for name, rows in sets.items()},

@@ -1,14 +1,16 @@
 """Video input: frames sampled uniformly from a video file, a frame folder or a frame list.
 
 The release stores each video as a folder of 50 pre-extracted jpg frames and lists them in a
-record's "images" field; benchmarks name raw videos (mp4 and friends). Every source ends up
-as the same uint8 array [T, H, W, 3] in RGB, with T frames picked by `np.linspace` over the
-whole video exactly as the paper does, so a model sees the same frames whichever way the
-video is stored.
+record's "images" field; benchmarks name raw videos (mp4 and friends, MSVD's avi, TGIF's
+animated GIFs), often without extension and, for ActivityNet, without the "v_" its files
+carry. Every source ends up as the same uint8 array [T, H, W, 3] in RGB, with T frames
+picked by `np.linspace` over the whole video exactly as the paper does, so a model sees the
+same frames whichever way the video is stored.
 
 Video files are decoded with decord when it is installed and can read the file (it decodes
-only the sampled frames), otherwise with PyAV (sequential decoding). A source that neither
-can read raises `VideoError` naming the file.
+only the sampled frames), otherwise with PyAV (sequential decoding); GIFs go to PyAV, as
+decord cannot count their frames. A source that neither can read raises `VideoError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import av
 import numpy as np
@@ -24,7 +26,10 @@ from PIL import Image
 
 from vlm_rlaif.errors import InputError
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".gif", ".m4v", ".mpg", ".mpeg")
+PYAV_ONLY = (".gif",)  # decord fails to measure an animated GIF's length
+# ActivityNet's video files are v_<YouTube id>; ActivityNet-QA's questions name the bare id.
+ACTIVITYNET_PREFIX = "v_"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 Backend = Literal["auto", "decord", "pyav"]
@@ -105,15 +110,24 @@ def safe_join(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
     return Path(joined)
 
 
+def _named_variants(path: Path) -> list[Path]:
+    """The name as given, then with ActivityNet's prefix unless it has it already."""
+    if path.name.startswith(ACTIVITYNET_PREFIX):
+        return [path]
+    return [path, path.with_name(ACTIVITYNET_PREFIX + path.name)]
+
+
 def resolve_video(root: str | os.PathLike, name: str) -> Path:
-    """Find a benchmark's "video_name" under `root`: as given, then with a video extension."""
-    path = safe_join(root, name)
-    candidates = [path] + [path.with_name(path.name + ext) for ext in VIDEO_EXTENSIONS]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    tried = ", ".join(c.name for c in candidates)
-    raise VideoError(f"{path}: video not found (tried {tried})")
+    """Find a benchmark's "video_name" under `root`: as given, then with a video extension;
+    then the same with ActivityNet's "v_" prefix. The first that exists wins."""
+    names = _named_variants(safe_join(root, name))
+    for stem in names:
+        for candidate in (stem, *(stem.with_name(stem.name + ext) for ext in VIDEO_EXTENSIONS)):
+            if candidate.exists():
+                return candidate
+    tried = ", ".join(stem.name for stem in names)
+    extensions = ", ".join(VIDEO_EXTENSIONS)
+    raise VideoError(f"{names[0]}: video not found (tried {tried}, as given and with {extensions})")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -196,14 +210,23 @@ def _read_video_file(path: Path, num_frames: int, backend: Backend) -> np.ndarra
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file")
     errors = []
-    for name, read in (("decord", _read_decord), ("pyav", _read_pyav)):
-        if backend not in ("auto", name):
-            continue
+    for name, read in _decoders(path, backend):
         try:
             return read(path, num_frames)
         except VideoError as e:
             errors.append(f"{name}: {e}")
     raise VideoError(f"{path}: unreadable video ({'; '.join(errors)})")
+
+
+def _decoders(path: Path, backend: Backend) -> list[tuple[str, Callable[[Path, int], np.ndarray]]]:
+    """The decoders to try in turn: the one `backend` names, else decord then PyAV (PyAV alone
+    for the formats decord cannot read)."""
+    decoders = {"decord": _read_decord, "pyav": _read_pyav}
+    if backend != "auto":
+        return [(backend, decoders[backend])]
+    if path.suffix.lower() in PYAV_ONLY:
+        return [("pyav", _read_pyav)]
+    return list(decoders.items())
 
 
 def _read_decord(path: Path, num_frames: int) -> np.ndarray:
