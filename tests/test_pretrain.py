@@ -35,23 +35,12 @@ def test_hidden_objects_mark_nothing():
     assert targets[:2].sum() == 0 and targets[2:].sum() == 2 * 2
 
 
-def test_position_targets_give_the_object_s_centre_in_its_cell_and_the_cell_s_own_elsewhere():
-    targets = pretrain.position_targets(_scene(), grid=2)  # 16-px cells of a 32-px frame
-    assert targets.shape == (4, 2, 2, 2)
-    assert targets[0, 0, 0].tolist() == pytest.approx([5 / 16 - 1, 5 / 16 - 1])  # the square's centre (5, 5)
-    assert targets[3, 1, 1].tolist() == pytest.approx([17 / 16 - 1, 20 / 16 - 1])
-    assert targets[0, 1, 1].tolist() == pytest.approx([0.5, 0.5])  # empty: the cell's centre (24, 24)
-    assert targets[0, 0, 1].tolist() == pytest.approx([0.5, -0.5])  # x first, then y
-    both = pretrain.training_targets(_scene(), grid=2)
-    assert both.shape == (4, 2, 2, len(pretrain.ATTRIBUTES) + 2) and (both[..., -2:] == targets).all()
-
-
 def test_pretraining_is_deterministic_and_lowers_the_loss(built):
     params = load_params(built / "params.yaml")
     model, processor = load_model_and_processor(built / "artifacts/base")
     grid = params.base.tiny.image_size // params.base.tiny.patch_size // 2
     videos, targets = base.pretraining_set(built / "artifacts/prepare", built / "data/videos", grid)
-    assert len(videos) == 6 and targets[0].shape == (8, grid, grid, len(pretrain.ATTRIBUTES) + 2)
+    assert len(videos) == 6 and targets[0].shape == (8, grid, grid, len(pretrain.ATTRIBUTES))
     cfg = VisionPretrainConfig(steps=40, batch_size=16, learning_rate=3e-3, heldout=0.2)
     runs = []
     for _ in range(2):
@@ -59,7 +48,7 @@ def test_pretraining_is_deterministic_and_lowers_the_loss(built):
         runs.append(pretrain.pretrain_vision(model, processor, videos, targets, cfg, seed=3))
     assert runs[0].losses == runs[1].losses and runs[0].probe == runs[1].probe
     assert np.mean(runs[0].losses[-5:]) < 0.5 * np.mean(runs[0].losses[:5])
-    assert set(runs[0].probe) == {"colour", "shape", "position", "cells"} and runs[0].probe["cells"] > 0
+    assert set(runs[0].probe) == {"colour", "shape", "cells"} and runs[0].probe["cells"] > 0
 
 
 def test_centred_projector_gives_zero_mean_tokens_of_text_embedding_length(built):

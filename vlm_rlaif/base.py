@@ -62,10 +62,8 @@ def pixel_statistics(prepared: Path, video_root: str | Path, num_frames: int, ma
     return pixels.mean(0).round(4).tolist(), pixels.std(0).round(4).tolist()
 
 
-def pretraining_set(prepared: Path, video_root: str | Path, grid: int, position: bool = True
-                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Every frame of the training videos, with its cell targets from the world's scenes (the
-    attributes, and with `position` where each cell's content is)."""
+def pretraining_set(prepared: Path, video_root: str | Path, grid: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every frame of the training videos, with its cell targets from the world's scenes."""
     path = prepared / "scenes.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -79,7 +77,7 @@ def pretraining_set(prepared: Path, video_root: str | Path, grid: int, position:
             raise KeyError(f"{path}: no scene for training video {video_id!r}")
         scene = Scene.from_dict(scenes[video_id], where=f"{path}: scene")
         videos.append(load_video(media, scene.num_frames))
-        targets.append(pretrain.training_targets(scene, grid) if position else pretrain.cell_targets(scene, grid))
+        targets.append(pretrain.cell_targets(scene, grid))
     return videos, targets
 
 
@@ -91,7 +89,7 @@ def build_tiny(params: Params, prepared: Path) -> tuple[object, object, dict]:
     if cfg.pretrain.steps == 0:
         return model, processor, {}
     grid = cfg.image_size // cfg.patch_size // model.config.spatial_pool_stride
-    videos, targets = pretraining_set(prepared, params.data.video_root, grid, position=cfg.pretrain.position_weight > 0)
+    videos, targets = pretraining_set(prepared, params.data.video_root, grid)
     result = pretrain.pretrain_vision(model, processor, videos, targets, cfg.pretrain, params.seed)
     centring = pretrain.centre_projector(model, processor, videos[:64])
     return model, processor, {"losses": result.losses, "probe": result.probe, "projector": centring}

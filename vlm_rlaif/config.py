@@ -171,7 +171,6 @@ class VisionPretrainConfig:
     batch_size: int = field(default=128, metadata=positive())
     learning_rate: float = field(default=3e-3, metadata=positive())
     heldout: float = field(default=0.05, metadata=_check(0, 1, lo_open=True))
-    position_weight: float = field(default=1.0, metadata=non_negative())  # where each cell's content is; 0: off
 
 
 @dataclass

@@ -5,13 +5,9 @@ aligned; a tower initialised from a seed sees nothing, and SFT alone cannot teac
 a cross from a square in a few minutes of CPU time. So the `base` stage first trains the tiny
 tower on the world's own frames with the world's exact ground truth: every visible object
 marks its colour and its shape in the pooled cell (the grid of visual tokens the language
-model reads) that holds its centre, and every cell says where it is: the centre of the object
-it holds, or its own centre when empty. A linear probe on the pooled features learns all of it,
-and through it the tower learns to see. The probe is then dropped: what the language model gets
-is the tower, as with CLIP, whose patch features also carry where they are. Without the
-positions, a token holding an object says what it is but hardly where (a probe reads an object's
-motion from its two tokens at chance), and motion is then left to the language model's
-sense of sequence order.
+model reads) that holds its centre. A linear probe on the pooled features learns both, and
+through it the tower learns to see. The probe is then dropped: what the language model gets
+is the tower, as with CLIP.
 
 The projector stays as initialised except for its output layer, which is shifted and scaled
 so that visual tokens are zero-mean and as long as the text embeddings: a fresh language
@@ -33,7 +29,6 @@ from vlm_rlaif.config import VisionPretrainConfig
 from vlm_rlaif.synthetic.scene import COLOURS, SHAPES, Scene
 
 ATTRIBUTES = [*COLOURS, *SHAPES]
-A = len(ATTRIBUTES)
 
 
 def cell_targets(scene: Scene, grid: int) -> np.ndarray:
@@ -61,24 +56,9 @@ def pooled_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return pooled.view(pooled.shape[0], side, side, pooled.shape[2])
 
 
-def position_targets(scene: Scene, grid: int) -> np.ndarray:
-    """[frames, grid, grid, 2] in [-1, 1]: the (x, y) centre of the visible object whose centre
-    is in the cell, else the cell's own centre."""
-    cell = scene.frame_size / grid
-    centres = (np.arange(grid) + 0.5) * cell
-    out = np.zeros((scene.num_frames, grid, grid, 2), np.float32)
-    out[..., 0], out[..., 1] = centres[None, None, :], centres[None, :, None]
-    for obj in scene.objects:
-        for t in range(*scene.span(obj)):
-            x, y = obj.track[t]
-            out[t, min(int(y // cell), grid - 1), min(int(x // cell), grid - 1)] = (x, y)
-    return out / scene.frame_size * 2 - 1
-
-
 @dataclass
 class PretrainResult:
-    """Loss per step and the probe on held-out frames: colour and shape accuracy in cells holding
-    one object, and its position error there in pixels."""
+    """Loss per step and the probe's accuracy on held-out frames (cells holding one object)."""
 
     losses: list[float] = field(default_factory=list)
     probe: dict[str, float] = field(default_factory=dict)
@@ -98,9 +78,8 @@ def _visual_tokens(model, pixels: torch.Tensor, batch: int = 16) -> torch.Tensor
 def pretrain_vision(
     model, processor, videos: Sequence[np.ndarray], targets: Sequence[np.ndarray], cfg: VisionPretrainConfig, seed: int
 ) -> PretrainResult:
-    """Train the vision tower (with a linear probe) to find each object's colour and shape, and
-    where each cell's content is when `targets` carry positions after the attributes
-    (`training_targets`); the last `cfg.heldout` videos measure the probe."""
+    """Train the vision tower (with a linear probe) to find each object's colour and shape;
+    the last `cfg.heldout` videos are kept out of training and measure the probe."""
     held = max(1, round(len(videos) * cfg.heldout))
     x = _pixels(processor, videos).flatten(0, 1)  # single frames
     y = torch.from_numpy(np.concatenate(targets))
@@ -111,7 +90,7 @@ def pretrain_vision(
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = torch.nn.Linear(model.config.vision_config.hidden_size, y.shape[-1])
+        probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(ATTRIBUTES))
     params = [*tower.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.learning_rate, total_steps=cfg.steps, pct_start=0.05)
@@ -121,10 +100,8 @@ def pretrain_vision(
     tower.train()
     for _ in tqdm(range(cfg.steps), desc="vision pretraining", leave=False):
         idx = torch.randint(len(x_train), (cfg.batch_size,), generator=generator)
-        out, target = probe(pooled_features(model, x_train[idx])), y_train[idx]
-        loss = F.binary_cross_entropy_with_logits(out[..., :A], target[..., :A], pos_weight=pos_weight)
-        if target.shape[-1] > A:  # cell positions given
-            loss = loss + cfg.position_weight * F.mse_loss(out[..., A:], target[..., A:])
+        logits = probe(pooled_features(model, x_train[idx]))
+        loss = F.binary_cross_entropy_with_logits(logits, y_train[idx], pos_weight=pos_weight)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -137,24 +114,17 @@ def pretrain_vision(
 
 @torch.no_grad()
 def probe_accuracy(model, probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Colour and shape read off each cell that holds exactly one object, and where the object
-    is (mean distance in frame widths, where positions were trained)."""
+    """Colour and shape read off each cell that holds exactly one object."""
     logits = torch.cat([probe(pooled_features(model, x[i : i + 256])) for i in range(0, len(x), 256)])
     n = len(COLOURS)
     single = y[..., :n].sum(-1) == 1
     colour = logits[..., :n].argmax(-1) == y[..., :n].argmax(-1)
-    shape = logits[..., n:A].argmax(-1) == y[..., n:A].argmax(-1)
-    out = {"colour": round(colour[single].float().mean().item(), 4), "shape": round(shape[single].float().mean().item(), 4)}
-    if y.shape[-1] > A:
-        distance = (logits[..., A:] - y[..., A:]).norm(dim=-1) / 2  # positions span [-1, 1]
-        out["position"] = round(distance[single].mean().item(), 4)
-    return out | {"cells": int(single.sum())}
-
-
-def training_targets(scene: Scene, grid: int) -> np.ndarray:
-    """What pretraining asks of every cell: the attributes (`cell_targets`), then the position
-    (`position_targets`)."""
-    return np.concatenate([cell_targets(scene, grid), position_targets(scene, grid)], axis=-1)
+    shape = logits[..., n:].argmax(-1) == y[..., n:].argmax(-1)
+    return {
+        "colour": round(colour[single].float().mean().item(), 4),
+        "shape": round(shape[single].float().mean().item(), 4),
+        "cells": int(single.sum()),
+    }
 
 
 @torch.no_grad()
