@@ -47,6 +47,14 @@ def test_the_oracle_table_shows_the_paired_gains_with_their_intervals_and_the_ve
     assert "| RLAIF - SFT, paired (95% interval) | +0.200 [+0.200, +0.200] | +0.000 [+0.000, +0.000] |" in table
     assert "RLAIF - SFT on description_precision: +0.2000 (0.6200 vs 0.4200), 95% interval [+0.2000, +0.2000]" in table
     assert "over 3 seeds x 8 questions: met," in table and "Met on 1 of 1 world(s) (world seeds 0)." in table
+    two = metrics([0, 1, 2])
+    two["worlds"] = {"7": two["target"] | {"met": False, "reason": "the precision gain's interval reaches zero"}}
+    two["target"]["worlds"] = {"0": True, "7": False}
+    table = analysis.oracle_table(two)
+    assert "world seed 7: RLAIF - SFT on description_precision" in table and "Met on 1 of 2 world(s)" in table
+    figure = analysis.gains_figure(two)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["world 0", "world 7"]
+    assert len(figure.axes) == 4  # precision, recall, F1, hallucinated facts
 
 
 def test_the_readme_results_are_the_committed_tables():

@@ -15,7 +15,10 @@ LEVEL, RESAMPLES = 0.95, 4000
 
 @pytest.fixture(scope="module")
 def scenes():
-    return [sample_scene(np.random.default_rng([11, i]), f"v{i}", 16, 64, 3, 0.5) for i in range(QUESTIONS)]
+    return [
+        sample_scene(np.random.default_rng([11, i]), f"v{i}", 16, 64, 3, 0.5)
+        for i in range(QUESTIONS)
+    ]
 
 
 def wrong(scene, k: int, rng) -> str:
@@ -24,17 +27,27 @@ def wrong(scene, k: int, rng) -> str:
 
 
 def measured(scenes, answers_by_seed) -> dict[int, dict]:
-    return {seed: verdict.answer_measures([score_description(s, a) for s, a in zip(scenes, answers)], answers)
-            for seed, answers in answers_by_seed.items()}
+    return {
+        seed: verdict.answer_measures(
+            [score_description(s, a) for s, a in zip(scenes, answers)], answers
+        )
+        for seed, answers in answers_by_seed.items()
+    }
 
 
 def answer_sets(scenes, make, seed: int) -> dict[int, list[str]]:
-    return {s: [make(scene, np.random.default_rng([seed, s, q])) for q, scene in enumerate(scenes)] for s in range(SEEDS)}
+    return {
+        s: [make(scene, np.random.default_rng([seed, s, q])) for q, scene in enumerate(scenes)]
+        for s in range(SEEDS)
+    }
 
 
 def test_a_model_that_states_fewer_false_facts_beats_one_that_states_more(scenes):
     sft = measured(scenes, answer_sets(scenes, lambda scene, rng: wrong(scene, 2, rng), 0))
-    rlaif = measured(scenes, answer_sets(scenes, lambda scene, rng: wrong(scene, int(rng.integers(0, 2)), rng), 1))
+    rlaif = measured(
+        scenes,
+        answer_sets(scenes, lambda scene, rng: wrong(scene, int(rng.integers(0, 2)), rng), 1),
+    )
     out = verdict.verdict(sft, rlaif, level=LEVEL, resamples=RESAMPLES)
     precision = out["measures"]["precision"]
     assert out["met"] and precision["interval"][0] > 0 and precision["gain"] > 0.05
@@ -43,23 +56,34 @@ def test_a_model_that_states_fewer_false_facts_beats_one_that_states_more(scenes
 
 
 def test_the_same_answers_shuffled_between_the_models_show_no_gain(scenes):
-    pool = [answer_sets(scenes, lambda scene, rng: wrong(scene, 2, rng), 0),
-            answer_sets(scenes, lambda scene, rng: wrong(scene, int(rng.integers(0, 2)), rng), 1)]
+    pool = [
+        answer_sets(scenes, lambda scene, rng: wrong(scene, 2, rng), 0),
+        answer_sets(scenes, lambda scene, rng: wrong(scene, int(rng.integers(0, 2)), rng), 1),
+    ]
     met = 0
     for trial in range(10):
         rng = np.random.default_rng([99, trial])
-        sides = {s: rng.integers(0, 2, QUESTIONS) for s in range(SEEDS)}  # which pool each model's answer comes from
+        sides = {
+            s: rng.integers(0, 2, QUESTIONS) for s in range(SEEDS)
+        }  # which pool each model's answer comes from
         sft = {s: [pool[side][s][q] for q, side in enumerate(sides[s])] for s in range(SEEDS)}
         rlaif = {s: [pool[1 - side][s][q] for q, side in enumerate(sides[s])] for s in range(SEEDS)}
-        met += verdict.verdict(measured(scenes, sft), measured(scenes, rlaif), level=LEVEL, resamples=RESAMPLES)["met"]
+        met += verdict.verdict(
+            measured(scenes, sft), measured(scenes, rlaif), level=LEVEL, resamples=RESAMPLES
+        )["met"]
     assert met <= 1  # a 95% interval above zero by chance: about one shuffle in forty
 
 
 def test_a_shorter_answer_that_drops_true_facts_is_not_better(scenes):
     sft = answer_sets(scenes, lambda scene, rng: wrong(scene, 1, rng), 0)
     # the count and the first object only: every fact true, most left out
-    brief = {s: [". ".join(describe(scene).text().split(". ")[:2]) + "." for scene in scenes] for s in range(SEEDS)}
-    out = verdict.verdict(measured(scenes, sft), measured(scenes, brief), level=LEVEL, resamples=RESAMPLES)
+    brief = {
+        s: [". ".join(describe(scene).text().split(". ")[:2]) + "." for scene in scenes]
+        for s in range(SEEDS)
+    }
+    out = verdict.verdict(
+        measured(scenes, sft), measured(scenes, brief), level=LEVEL, resamples=RESAMPLES
+    )
     assert out["measures"]["words"]["gain"] < 0 and out["measures"]["recall"]["gain"] < 0
     assert out["measures"]["precision"]["interval"][0] > 0  # fewer facts, so fewer false ones
     assert not out["met"] and "saying less" in out["reason"]
@@ -71,7 +95,9 @@ def test_a_gain_that_one_seed_alone_shows_is_not_a_gain():
     differences[0] = 0.3
     means = verdict.bootstrap_means(differences, RESAMPLES, np.random.default_rng(0))
     assert np.quantile(means, (1 - LEVEL) / 2) <= 0 < means.mean()
-    spread_over_questions = np.quantile(verdict.bootstrap_means(differences[None, 0], RESAMPLES, np.random.default_rng(0)), 0.025)
+    spread_over_questions = np.quantile(
+        verdict.bootstrap_means(differences[None, 0], RESAMPLES, np.random.default_rng(0)), 0.025
+    )
     assert spread_over_questions == pytest.approx(0.3)
 
 

@@ -15,8 +15,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from vlm_rlaif import evaluate, io, plots, stage, verdict
+from vlm_rlaif import evaluate, io, plots, stage
 from vlm_rlaif.benchmark import DIMENSIONS
+from vlm_rlaif.verdict import MEASURES
 
 LABELS = {"base": "base", "sft": "SFT", "rlaif": "RLAIF (PPO)"}
 DIMENSION_HEADERS = {"correctness": "correct", "detail": "detail", "context": "context", "temporal": "temporal", "consistency": "consist."}
@@ -70,11 +71,18 @@ def zeroshot_table(metrics: Mapping) -> str:
     return _table(header, rows)
 
 
-# The oracle table's columns: metric key -> header, and the verdict's measure of each.
-ORACLE_COLUMNS = {"description_precision": ("factual accuracy (precision)", "precision"), "description_recall": ("recall", "recall"),
-                  "description_f1": ("F1", "f1"), "description_perfect": ("perfect answers", None),
-                  "hallucinated_per_answer": ("hallucinated facts / answer", "hallucinated"),
-                  "description_words": ("words / answer", "words")}
+# The oracle table's columns: metric key -> (header, the verdict's measure of it).
+ORACLE_COLUMNS = {
+    "description_precision": ("factual accuracy (precision)", "precision"),
+    "description_recall": ("recall", "recall"),
+    "description_f1": ("F1", "f1"),
+    "description_perfect": ("perfect answers", None),
+    "hallucinated_per_answer": ("hallucinated facts / answer", "hallucinated"),
+    "description_words": ("words / answer", "words"),
+}
+VERDICT_RULE = ("The verdict: the precision gain's interval (a bootstrap over seeds and questions "
+                "together) lies above zero, and F1 does not fall, so a gain from saying less does "
+                "not count.")
 
 
 def _gain(measure: Mapping | None) -> str:
@@ -88,27 +96,29 @@ def _gain(measure: Mapping | None) -> str:
 def verdict_text(t: Mapping, world: str | None = None) -> str:
     """The verdict in one sentence: the precision gain, its interval, met or not and why."""
     where = f"world seed {world}: " if world is not None else ""
-    return (f"{where}RLAIF - SFT on {t['metric']}: {t['gain']:+.4f} ({t['rlaif']:.4f} vs {t['sft']:.4f}), "
-            f"{t['level']:.0%} interval [{t['interval'][0]:+.4f}, {t['interval'][1]:+.4f}] over {t['seeds']} seeds x "
-            f"{t['questions']} questions: {'met' if t['met'] else 'not met'}, {t['reason']}.")
+    low, high = t["interval"]
+    return (f"{where}RLAIF - SFT on {t['metric']}: {t['gain']:+.4f} "
+            f"({t['rlaif']:.4f} vs {t['sft']:.4f}), {t['level']:.0%} interval "
+            f"[{low:+.4f}, {high:+.4f}] over {t['seeds']} seeds x {t['questions']} questions: "
+            f"{'met' if t['met'] else 'not met'}, {t['reason']}.")
 
 
 def oracle_table(metrics: Mapping) -> str:
     """The oracle's count of the facts in every detailed description (synthetic world only), the
     paired RLAIF - SFT gain of each with its bootstrap interval, and the verdict on every world."""
     header = ["model", *(label for label, _ in ORACLE_COLUMNS.values())]
-    rows = [[LABELS.get(m, m), *(_cell(stats, k, digits=3) for k in ORACLE_COLUMNS)] for m, stats in metrics["models"].items()]
+    rows = [[LABELS.get(m, m), *(_cell(stats, k, digits=3) for k in ORACLE_COLUMNS)]
+            for m, stats in metrics["models"].items()]
     t = metrics.get("target")
     if not t:
         return _table(header, rows)
-    rows.append([f"RLAIF - SFT, paired ({t['level']:.0%} interval)",
-                 *(_gain(t["measures"].get(measure)) for _, measure in ORACLE_COLUMNS.values())])
-    lines = [_table(header, rows), verdict_text(t),
-             "The verdict: the precision gain's interval (a bootstrap over seeds and questions together) lies above zero, "
-             "and F1 does not fall, so a gain from saying less does not count."]
+    gains = (_gain(t["measures"].get(measure)) for _, measure in ORACLE_COLUMNS.values())
+    rows.append([f"RLAIF - SFT, paired ({t['level']:.0%} interval)", *gains])
+    lines = [_table(header, rows), verdict_text(t), VERDICT_RULE]
     lines += [verdict_text(w, world) for world, w in metrics.get("worlds", {}).items()]
     held = t["worlds"]
-    lines.append(f"Met on {sum(held.values())} of {len(held)} world(s) (world seeds {', '.join(held)}).")
+    lines.append(f"Met on {sum(held.values())} of {len(held)} world(s) "
+                 f"(world seeds {', '.join(held)}).")
     return "\n\n".join(lines)
 
 
@@ -118,19 +128,22 @@ def gains_figure(metrics: Mapping):
 
     t = metrics["target"]
     worlds = {world: metrics["worlds"].get(world, t) for world in t["worlds"]}
-    shown = [m for m in verdict.MEASURES if m != "words"]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 0.5 + 0.45 * len(worlds)), sharey=True, squeeze=False)
+    shown = [m for m in MEASURES if m != "words"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 0.5 + 0.45 * len(worlds)),
+                             sharey=True, squeeze=False)
     for ax, measure in zip(axes[0], shown):
-        for row, (world, w) in enumerate(worlds.items()):
+        for row, w in enumerate(worlds.values()):
             m = w["measures"][measure]
-            ax.errorbar(m["gain"], row, xerr=[[m["gain"] - m["interval"][0]], [m["interval"][1] - m["gain"]]], fmt="o",
+            low, high = m["interval"]
+            ax.errorbar(m["gain"], row, xerr=[[m["gain"] - low], [high - m["gain"]]], fmt="o",
                         capsize=3, color="C2" if w["met"] else "C3")
         ax.axvline(0, color="grey", linewidth=0.8)
-        better = {True: "higher is better", False: "lower is better"}[verdict.MEASURES[measure]["higher"]]
-        ax.set_title(f"{verdict.MEASURES[measure]['label']}\n({better})", fontsize=8)
+        better = "higher is better" if MEASURES[measure]["higher"] else "lower is better"
+        ax.set_title(f"{MEASURES[measure]['label']}\n({better})", fontsize=8)
     axes[0, 0].set_yticks(range(len(worlds)), [f"world {w}" for w in worlds], fontsize=8)
     axes[0, 0].invert_yaxis()
-    fig.suptitle(f"RLAIF - SFT, paired, {t['level']:.0%} intervals (green: the verdict is met)", fontsize=9)
+    fig.suptitle(f"RLAIF - SFT, paired, {t['level']:.0%} intervals (green: the verdict is met)",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

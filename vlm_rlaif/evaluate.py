@@ -4,10 +4,11 @@ Every model answers every benchmark set (`benchmark.BenchmarkSets`) with the pap
 (`evaluate.temperature`, `evaluate.max_new_tokens`) once per seed of `ppo.seeds`: the RLAIF
 model of seed s is the PPO policy trained under s, the base and SFT models sample under s.
 So each row of the results carries a seed-to-seed spread, and RLAIF's gain over SFT is tested
-on paired answers against chance (`target`, vlm_rlaif/verdict.py), on the default world and on
-the eval splits of the worlds `evaluate.worlds` names. The configured judge grades every answer (`benchmark.judge_answers`);
-on the synthetic world the oracle also counts the facts of every detailed description, so the
-claim "RLAIF describes more accurately" is measured exactly, whichever judge grades.
+on paired answers against chance (`target`, vlm_rlaif/verdict.py), on the default world and
+on the eval splits of the worlds `evaluate.worlds` names. The configured judge grades every
+answer (`benchmark.judge_answers`); on the synthetic world the oracle also counts the facts of
+every detailed description, so the claim "RLAIF describes more accurately" is measured
+exactly, whichever judge grades.
 
 Long evaluations resume: each (model, seed, set)'s answers are kept under
 artifacts/checkpoints/evaluate/ as soon as they exist, and an LLM judge's replies are cached
@@ -89,9 +90,10 @@ def _fingerprint(run: Run, params: Params, prepared: Path, videos: Mapping[str, 
     """What a run's answers depend on: the code that writes them, the decoding, the sets, their
     video folders and the model."""
     code = [Path(m.__file__) for m in (sys.modules[__name__], benchmark, evaluation, generation, modeling)]
-    grading = ("judge", "released", "confidence", "resamples", "worlds")  # what happens after the answers
-    settings = {"seed": run.seed, "decoding": {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k not in grading},
-                "num_frames": run.num_frames, "videos": dict(videos)}
+    grading = ("judge", "released", "confidence", "resamples", "worlds")  # what follows the answers
+    decoding = {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k not in grading}
+    settings = {"seed": run.seed, "decoding": decoding, "num_frames": run.num_frames,
+                "videos": dict(videos)}
     files = [p for p in sorted(run.folder.rglob("*")) if p.is_file()]
     small = [p for p in files if p.stat().st_size <= LARGE_FILE]
     return io.run_stamp(code, settings, [*sorted((prepared / "eval").glob("*.json")), *small], [run.folder])
@@ -104,7 +106,8 @@ def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkp
     resumed run answers what an uninterrupted one would have. Videos are read from each set's
     folder (data.eval_videos), or from `video_root` where given."""
     videos = {key: str(video_root or params.data.eval_videos(key)) for key in sets.questions()}
-    folder = io.claim(checkpoints / run.model / f"seed-{run.seed}", _fingerprint(run, params, prepared, videos))
+    stamp = _fingerprint(run, params, prepared, videos)
+    folder = io.claim(checkpoints / run.model / f"seed-{run.seed}", stamp)
     answers, model = {}, None
     for index, key in enumerate(sets.questions()):
         path = folder / f"{key.replace('/', '_')}.json"
@@ -145,12 +148,14 @@ def judge(params: Params, prepared: Path, checkpoints: Path = CHECKPOINTS) -> Ju
 
 def flat(summary: Mapping, facts: Mapping | None) -> dict[str, float | None]:
     """One run's numbers as flat metrics: the five dimensions and their mean, zero-shot accuracy
-    and score per benchmark, and (on the synthetic world) the oracle's description facts and length."""
+    and score per benchmark, and (on the synthetic world) the oracle's description facts and
+    length."""
     row = dict(summary["video_chatgpt"])
     for name, qa in summary["zeroshot"].items():
         row[f"qa_{name}_accuracy"], row[f"qa_{name}_score"] = qa["accuracy"], qa["score"]
     if facts is not None:
-        row |= {f"description_{k}": facts[k] for k in ("precision", "recall", "f1", "perfect", "words")}
+        facts_kept = ("precision", "recall", "f1", "perfect", "words")
+        row |= {f"description_{k}": facts[k] for k in facts_kept}
         row["hallucinated_per_answer"] = facts["hallucinated_per_answer"]
     return row
 
@@ -167,10 +172,12 @@ def spread(rows: Mapping[int, Mapping[str, float | None]]) -> dict[str, dict[str
 
 def spread_width(models: Mapping[str, Mapping]) -> float:
     """The larger min-max range of SFT's and RLAIF's per-seed means of the target metric."""
-    return max(max(v) - min(v) for v in ([r[TARGET] for r in models[m]["seeds"].values()] for m in ("sft", "rlaif")))
+    values = ([row[TARGET] for row in models[m]["seeds"].values()] for m in ("sft", "rlaif"))
+    return max(max(v) - min(v) for v in values)
 
 
-def description_measures(world: Mapping, sets: BenchmarkSets, answers: Sequence[str]) -> dict[str, list[float]]:
+def description_measures(world: Mapping, sets: BenchmarkSets, answers: Sequence[str]
+                         ) -> dict[str, list[float]]:
     """Every oracle measure of every answer to the generic (description) questions."""
     scores = evaluation.score_descriptions(world, sets.generic, answers)
     return verdict.answer_measures(scores, answers)
@@ -180,41 +187,48 @@ def target(measures: Mapping[str, Mapping[int, Mapping]], params: Params) -> dic
     """The embedded default's claim, RLAIF describes more accurately than SFT, tested on paired
     answers (vlm_rlaif/verdict.py); `measures` holds each model's per-answer measures by seed."""
     cfg = params.evaluate
-    out = verdict.verdict(measures["sft"], measures["rlaif"], level=cfg.confidence, resamples=cfg.resamples)
+    out = verdict.verdict(measures["sft"], measures["rlaif"], level=cfg.confidence,
+                          resamples=cfg.resamples)
     precision = out["measures"][verdict.TARGET]
-    return {"metric": TARGET, "sft": precision["sft"], "rlaif": precision["rlaif"], "gain": precision["gain"],
-            "interval": precision["interval"], **{k: v for k, v in out.items() if k != "metric"}}
+    headline = {k: precision[k] for k in ("sft", "rlaif", "gain", "interval")}
+    return {"metric": TARGET, **headline, **{k: v for k, v in out.items() if k != "metric"}}
 
 
-def world_sets(params: Params, seed: int, checkpoints: Path = CHECKPOINTS) -> tuple[Path, BenchmarkSets, dict]:
+def world_sets(params: Params, seed: int, checkpoints: Path = CHECKPOINTS
+               ) -> tuple[Path, BenchmarkSets, dict]:
     """(folder, description questions, scenes) of the eval split of the world regenerated under
     `seed`, every other world setting as params.yaml's; written once, then reused."""
     if params.world is None:
-        raise ConfigError("evaluate.worlds: extra worlds regenerate the synthetic world, and params.yaml has no `world` section")
+        raise ConfigError("evaluate.worlds: extra worlds regenerate the synthetic world, and "
+                          "params.yaml has no `world` section")
     if seed == params.world.seed:
-        raise ConfigError(f"evaluate.worlds: {seed} is world.seed, the default world, which is evaluated anyway")
+        raise ConfigError(f"evaluate.worlds: {seed} is world.seed, the default world, which is "
+                          "evaluated anyway")
     cfg = dataclasses.replace(params.world, seed=seed)
     folder = checkpoints / "worlds" / f"seed-{seed}"
     stamp = folder / "world.json"
     if not stamp.is_file() or io.read_json(stamp).get("config") != dataclasses.asdict(cfg):
         generate_world(cfg, folder, splits=("eval",))
-    generic = read_generic_qa(folder / "eval/generic_qa.json").records[: params.evaluate.num_samples]
+    generic = read_generic_qa(folder / "eval/generic_qa.json").records[:params.evaluate.num_samples]
     return folder, BenchmarkSets(generic, [], [], {}), io.read_json(folder / "scenes.json")
 
 
-def other_worlds(params: Params, evaluated: Sequence[Run], out: Path, checkpoints: Path, progress: bool) -> dict[str, dict]:
+def other_worlds(params: Params, evaluated: Sequence[Run], out: Path, checkpoints: Path,
+                 progress: bool) -> dict[str, dict]:
     """The verdict on each world of `evaluate.worlds`: SFT and RLAIF answer its description
     questions (answers kept as on the default world) and the oracle scores them."""
     verdicts = {}
     for seed in params.evaluate.worlds:
         folder, sets, world = world_sets(params, seed, checkpoints)
+        videos = folder / "videos" / video_folder(params.world)
         measures: dict[str, dict[int, dict]] = {"sft": {}, "rlaif": {}}
         for each in (r for r in evaluated if r.model in measures):
-            answers = answer(each, params, sets, folder, checkpoints / "worlds" / f"seed-{seed}" / "answers", progress,
-                             video_root=folder / "videos" / video_folder(params.world))["generic"]
+            answers = answer(each, params, sets, folder, folder / "answers", progress,
+                             video_root=videos)["generic"]
             measures[each.model][each.seed] = description_measures(world, sets, answers)
+            written = {"answers": answers, "measures": measures[each.model][each.seed]}
             io.write_json(out / "worlds" / f"seed-{seed}" / each.model / f"seed-{each.seed}.json",
-                          {"answers": answers, "measures": measures[each.model][each.seed]})
+                          written)
         verdicts[str(seed)] = target(measures, params)
     return verdicts
 
@@ -235,21 +249,24 @@ def run(params: Params, prepared: Path = Path("artifacts/prepare"), out: Path = 
             summary = benchmark.summarise(judged)
             facts = None
             if world is not None:
-                measures[each.model][each.seed] = description_measures(world, sets, answers["generic"])
-                facts = evaluation.oracle_description_scores(world, sets.generic, answers["generic"])
-                facts["words"] = float(np.mean(measures[each.model][each.seed]["words"]))
+                described = description_measures(world, sets, answers["generic"])
+                facts = evaluation.oracle_description_scores(world, sets.generic,
+                                                             answers["generic"])
+                facts["words"] = float(np.mean(described["words"]))
+                measures[each.model][each.seed] = described
             judges.update(summary["judges"])
             io.write_json(tmp / each.model / f"seed-{each.seed}.json", {"summary": summary, "oracle_facts": facts, "judged": judged})
             results[each.model]["seeds"][each.seed] = {k: None if v is None else round(v, 4) for k, v in flat(summary, facts).items()}
-        worlds = other_worlds(params, evaluated, tmp, checkpoints, progress) if params.evaluate.worlds else {}
+        worlds = other_worlds(params, evaluated, tmp, checkpoints, progress)
     for model in results.values():
         model |= spread(model["seeds"])
     metrics = {"judge": sorted(judges), "decoding": {"temperature": params.evaluate.temperature, "max_new_tokens": params.evaluate.max_new_tokens},
                "models": results}
     if world is not None:
-        held = {str(params.world.seed) if params.world else "default": target(measures, params), **worlds}
-        metrics["target"] = held[next(iter(held))] | {"spread": round(spread_width(results), 4),
-                                                     "worlds": {k: v["met"] for k, v in held.items()}}
+        default = target(measures, params)
+        held = {str(params.world.seed) if params.world else "default": default["met"]}
+        held |= {seed: w["met"] for seed, w in worlds.items()}
+        metrics["target"] = default | {"spread": round(spread_width(results), 4), "worlds": held}
         metrics["worlds"] = worlds
     return metrics
 

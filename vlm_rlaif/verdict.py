@@ -27,7 +27,9 @@ TARGET = "precision"
 GUARD = "f1"  # a precision gain counts only where this does not fall
 
 
-def answer_measures(scores: Sequence[OracleScore], answers: Sequence[str]) -> dict[str, list[float]]:
+def answer_measures(
+    scores: Sequence[OracleScore], answers: Sequence[str]
+) -> dict[str, list[float]]:
     """Every measure of every answer, in question order."""
     return {
         "precision": [s.precision for s in scores],
@@ -38,23 +40,31 @@ def answer_measures(scores: Sequence[OracleScore], answers: Sequence[str]) -> di
     }
 
 
-def paired(sft: Mapping[int, Mapping[str, Sequence[float]]], rlaif: Mapping[int, Mapping[str, Sequence[float]]]
-           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def paired(
+    sft: Mapping[int, Mapping[str, Sequence[float]]],
+    rlaif: Mapping[int, Mapping[str, Sequence[float]]],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(SFT, RLAIF) arrays [seed, question] per measure, the seeds both models answered under."""
     seeds = sorted(set(sft) & set(rlaif))
     if not seeds:
-        raise ValueError(f"no seed answered by both models (SFT {sorted(sft)}, RLAIF {sorted(rlaif)})")
+        raise ValueError(
+            f"no seed answered by both models (SFT {sorted(sft)}, RLAIF {sorted(rlaif)})"
+        )
     out = {}
     for name in MEASURES:
         a = np.array([sft[s][name] for s in seeds], dtype=float)
         b = np.array([rlaif[s][name] for s in seeds], dtype=float)
         if a.shape != b.shape:
-            raise ValueError(f"{name}: SFT answered {a.shape[1]} questions a seed, RLAIF {b.shape[1]}")
+            raise ValueError(
+                f"{name}: SFT answered {a.shape[1]} questions a seed, RLAIF {b.shape[1]}"
+            )
         out[name] = (a, b)
     return out
 
 
-def bootstrap_means(differences: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+def bootstrap_means(
+    differences: np.ndarray, resamples: int, rng: np.random.Generator
+) -> np.ndarray:
     """Means of `differences` [seed, question] over resampled seeds and questions (drawn
     independently, with replacement): the crossed bootstrap of a two-way design."""
     seeds, questions = differences.shape
@@ -63,14 +73,24 @@ def bootstrap_means(differences: np.ndarray, resamples: int, rng: np.random.Gene
     return np.einsum("bs,sq,bq->b", seed_counts, differences, question_counts) / (seeds * questions)
 
 
-def compare(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], *, level: float, resamples: int, seed: int = 0) -> dict:
+def compare(
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    level: float,
+    resamples: int,
+    seed: int = 0,
+) -> dict:
     """Each measure's means, RLAIF - SFT gain and its `level` percentile interval."""
     out = {}
     for name, (sft, rlaif) in pairs.items():
         means = bootstrap_means(rlaif - sft, resamples, np.random.default_rng([seed, len(out)]))
         low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-        out[name] = {"sft": round(float(sft.mean()), 4), "rlaif": round(float(rlaif.mean()), 4),
-                     "gain": round(float((rlaif - sft).mean()), 4), "interval": [round(float(low), 4), round(float(high), 4)]}
+        out[name] = {
+            "sft": round(float(sft.mean()), 4),
+            "rlaif": round(float(rlaif.mean()), 4),
+            "gain": round(float((rlaif - sft).mean()), 4),
+            "interval": [round(float(low), 4), round(float(high), 4)],
+        }
     return out
 
 
@@ -78,18 +98,31 @@ def decide(measures: Mapping[str, Mapping]) -> tuple[bool, str]:
     """The verdict and its reason, in words a table can carry."""
     target, guard = measures[TARGET], measures[GUARD]
     if target["interval"][0] <= 0:
-        return False, f"the {TARGET} gain's interval reaches zero or below"
+        return False, "the precision gain's interval reaches zero or below"
     if guard["gain"] < 0:
-        return False, f"{TARGET} rose but {GUARD} fell ({guard['gain']:+.4f}): the gain comes from saying less"
-    return True, f"the {TARGET} gain's interval lies above zero and {GUARD} did not fall"
+        return False, f"precision rose but F1 fell ({guard['gain']:+.4f}): a gain from saying less"
+    return True, "the precision gain's interval lies above zero and F1 did not fall"
 
 
-def verdict(sft: Mapping[int, Mapping[str, Sequence[float]]], rlaif: Mapping[int, Mapping[str, Sequence[float]]],
-            *, level: float, resamples: int) -> dict:
+def verdict(
+    sft: Mapping[int, Mapping[str, Sequence[float]]],
+    rlaif: Mapping[int, Mapping[str, Sequence[float]]],
+    *,
+    level: float,
+    resamples: int,
+) -> dict:
     """Whether RLAIF beats SFT on the oracle's description precision; every measure side by side."""
     pairs = paired(sft, rlaif)
     measures = compare(pairs, level=level, resamples=resamples)
     met, reason = decide(measures)
     seeds, questions = pairs[TARGET][0].shape
-    return {"metric": f"description_{TARGET}", "level": level, "resamples": resamples, "seeds": seeds,
-            "questions": questions, "met": met, "reason": reason, "measures": measures}
+    return {
+        "metric": f"description_{TARGET}",
+        "level": level,
+        "resamples": resamples,
+        "seeds": seeds,
+        "questions": questions,
+        "met": met,
+        "reason": reason,
+        "measures": measures,
+    }

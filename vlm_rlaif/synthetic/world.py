@@ -146,7 +146,8 @@ def video_folder(cfg: WorldConfig) -> str:
     return f"synthetic_{cfg.num_frames}frames"
 
 
-def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = False, splits: tuple[str, ...] = SPLITS) -> dict:
+def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = False,
+                   splits: tuple[str, ...] = SPLITS) -> dict:
     """Write every file of the world's `splits` under `out` and return the number of records
     per file. A split's videos are the same whether or not the others are written.
 
@@ -167,7 +168,8 @@ def _write_world(cfg: WorldConfig, out: Path, progress: bool, written: tuple[str
     files: dict[str, list] = {name: [] for split in written for name in names[split]}
     splits: dict[str, list[str]] = {split: [] for split in written}
     scenes, pending = {}, []
-    bar = tqdm(total=sum(sizes[s] for s in written), desc="synthetic world", unit="video", disable=not progress)
+    total = sum(sizes[s] for s in written)
+    bar = tqdm(total=total, desc="synthetic world", unit="video", disable=not progress)
     for split in (s for s in SPLITS if s in written):
         first = sum(sizes[s] for s in SPLITS[: SPLITS.index(split)])  # video ids number every split
         for index in range(first, first + sizes[split]):
