@@ -55,6 +55,8 @@ def test_the_oracle_table_shows_the_paired_gains_with_their_intervals_and_the_ve
     figure = analysis.gains_figure(two)
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["world 0", "world 7"]
     assert len(figure.axes) == 4  # precision, recall, F1, hallucinated facts
+    real_data = {k: v for k, v in two.items() if k != "target"}
+    assert "No oracle verdict" in analysis.gains_figure(real_data).axes[0].texts[0].get_text()
 
 
 def test_the_readme_results_are_the_committed_tables():
