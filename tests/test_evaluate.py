@@ -72,6 +72,13 @@ def test_every_model_and_seed_is_graded_on_every_set_by_the_oracle(evaluated, mo
     assert metrics["models"]["rlaif"]["seeds"][0]["description_words"] == pytest.approx(sum(words) / len(words), abs=1e-4)
 
 
+def model_loads(monkeypatch) -> list[str]:
+    """The runs whose model evaluate loads from now on, in order."""
+    loads, real = [], evaluate.load
+    monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
+    return loads
+
+
 def _generic(record):
     from vlm_rlaif.data import GenericQA
 
@@ -81,9 +88,7 @@ def _generic(record):
 def test_a_rerun_answers_only_what_is_missing_and_ends_the_same(evaluated, monkeypatch):
     root, params, metrics = evaluated
     monkeypatch.chdir(root)
-    loads = []
-    real = evaluate.load
-    monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
+    loads = model_loads(monkeypatch)
     assert evaluate.run(params, progress=False) == metrics and loads == []  # everything answered already
     (evaluate.CHECKPOINTS / "sft" / "seed-1" / "consistency.json").unlink()  # killed while answering this set
     assert evaluate.run(params, progress=False) == metrics and loads == ["sft/seed-1"]
@@ -99,9 +104,7 @@ def test_a_released_checkpoint_converted_from_the_original_layout_is_evaluated_b
     original_checkpoint(tmp_path / "checkpoint")
     clip_folder(tmp_path / "clip")
     folder = convert(tmp_path / "checkpoint", tmp_path / "released", tmp_path / "clip")
-    loads = []
-    real = evaluate.load
-    monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
+    loads = model_loads(monkeypatch)
     assert evaluate.run(params, progress=False) == metrics  # the trained models' answers as `evaluated` left them
     loads.clear()
     frames = []
@@ -125,9 +128,7 @@ def test_a_released_checkpoint_converted_from_the_original_layout_is_evaluated_b
 def test_the_trained_models_also_answer_the_descriptions_of_another_world(evaluated, monkeypatch):
     root, params, metrics = evaluated
     monkeypatch.chdir(root)
-    loads = []
-    real = evaluate.load
-    monkeypatch.setattr(evaluate, "load", lambda run, p: loads.append(run.name) or real(run, p))
+    loads = model_loads(monkeypatch)
     more = load_params("params.yaml", overrides={"ppo": PPO | {"seeds": [0, 1]}, "evaluate": EVALUATE | {"worlds": [9]}})
     two = evaluate.run(more, out=Path("two-worlds"), progress=False)
     assert loads[-4:] == ["sft/seed-0", "sft/seed-1", "rlaif/seed-0", "rlaif/seed-1"]  # the base model is not asked
