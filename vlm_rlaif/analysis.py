@@ -135,7 +135,7 @@ def gains_figure(metrics: Mapping):
         return fig
     worlds = {world: metrics["worlds"].get(world, t) for world in t["worlds"]}
     shown = [m for m in MEASURES if m != "words"]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 0.5 + 0.45 * len(worlds)),
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 1.4 + 0.45 * len(worlds)),
                              sharey=True, squeeze=False)
     for ax, measure in zip(axes[0], shown):
         for row, w in enumerate(worlds.values()):
@@ -150,7 +150,7 @@ def gains_figure(metrics: Mapping):
     axes[0, 0].invert_yaxis()
     fig.suptitle(f"RLAIF - SFT, paired, {t['level']:.0%} intervals (green: the verdict is met)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # room for the title above the panels
     return fig
 
 
