@@ -249,9 +249,9 @@ def run(params: Params, prepared: Path = Path("artifacts/prepare"), out: Path = 
             summary = benchmark.summarise(judged)
             facts = None
             if world is not None:
-                described = description_measures(world, sets, answers["generic"])
-                facts = evaluation.oracle_description_scores(world, sets.generic,
-                                                             answers["generic"])
+                scores = evaluation.score_descriptions(world, sets.generic, answers["generic"])
+                described = verdict.answer_measures(scores, answers["generic"])
+                facts = evaluation.description_summary(scores)
                 facts["words"] = float(np.mean(described["words"]))
                 measures[each.model][each.seed] = described
             judges.update(summary["judges"])

@@ -164,7 +164,11 @@ def oracle_description_scores(
 ) -> dict:
     """Mean precision, recall and F1 over answers, hallucinated facts per answer, and the
     share of perfect answers (every fact stated, nothing false)."""
-    scores = score_descriptions(scenes, questions, answers, kinds)
+    return description_summary(score_descriptions(scenes, questions, answers, kinds))
+
+
+def description_summary(scores: Sequence[OracleScore]) -> dict:
+    """`oracle_description_scores` of answers the oracle has already scored."""
     n = len(scores)
     return {
         "precision": sum(s.precision for s in scores) / n,
