@@ -128,10 +128,12 @@ def reward_margins(ax, margins: Sequence[float], agrees: Sequence[bool]) -> None
 
 
 PPO_PANELS = {
-    "reward": ("reward model score", ["reward"]),
+    "reward": ("reward model score, and with its penalties", ["reward", "score"]),
     "kl": ("KL to the reference (per response)", ["kl"]),
     "entropy": ("entropy (per token)", ["entropy"]),
     "length": ("response length (tokens)", ["response_length"]),
+    "critic": ("return and value at the first token", ["return", "value"]),
+    "explained": ("critic's explained variance", ["explained_variance"]),
     "losses": ("losses", ["policy_loss", "value_loss"]),
     "clipping": ("clipped share", ["clip_fraction", "value_clip_fraction", "eos_rate"]),
 }

@@ -80,9 +80,23 @@ class Models:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What PPO updates: the policy's and the value model's adapters, and the value head."""
-        names = (f".{POLICY}.", f".{VALUE}.")
-        adapters = [p for n, p in self.model.named_parameters() if "lora_" in n and any(k in n for k in names)]
-        return adapters + list(self.value_head.parameters())
+        return self.policy_parameters() + self.value_parameters()
+
+    def _adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and f".{name}." in n]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return self._adapter_parameters(POLICY)
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return self._adapter_parameters(VALUE) + list(self.value_head.parameters())
+
+    @torch.no_grad()
+    def calibrate_value_head(self, scale: float, shift: float) -> None:
+        """The value head made to say `scale * value + shift`: on the returns' scale from the
+        first update, where the reward model's head it starts as is on the raw score's."""
+        self.value_head.weight.mul_(scale)
+        self.value_head.bias.mul_(scale).add_(shift)
 
     def encode(self, videos: Sequence[np.ndarray], batch_size: int) -> list[torch.Tensor]:
         return encode_video_list(self.model, self.processor, videos, batch_size)

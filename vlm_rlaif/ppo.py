@@ -46,26 +46,38 @@ LOG_FILE = "log.json"
 PLOTS_DIR = Path("reports/plots/ppo")  # each seed's log again (seed-N.json), where `dvc plots show` finds it
 
 
-def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator, optimizer, scheduler) -> dict[str, float]:
+def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator, optimizer, scheduler,
+                   value_clip: float) -> dict[str, float]:
     """One optimizer step on a minibatch: the policy's clipped surrogate, then the value
-    model's clipped loss (each backpropagated after its own pass, one adapter at a time), the
-    gradient norm clipped over both."""
+    model's loss clipped at `value_clip` (each backpropagated after its own pass, one adapter
+    at a time), each model's gradient norm clipped on its own: the critic's large early
+    gradients must not shrink the policy's step."""
     rows = dict(prompts=batch.prompts, features=batch.features, responses=batch.responses, response_mask=batch.mask, videos=batch.videos)
     mask = batch.mask.float().to(models.device)
     logprobs, entropy = models.logprobs(POLICY, **rows, with_entropy=True)
     pg_loss, pg_stats = ppo_math.policy_loss(logprobs, batch.logprobs.to(models.device), batch.advantages.to(models.device), mask, cfg.clip_range)
     accelerator.backward(pg_loss)
     values = models.values(**rows)
-    vf_loss, vf_stats = ppo_math.value_loss(values, batch.values.to(models.device), batch.returns.to(models.device), mask, cfg.value_clip)
+    vf_loss, vf_stats = ppo_math.value_loss(values, batch.values.to(models.device), batch.returns.to(models.device), mask, value_clip)
     accelerator.backward(cfg.vf_coef * vf_loss)
-    trained = models.trainable_parameters()
-    average_gradients(trained, accelerator)
-    grad_norm = accelerator.clip_grad_norm_(trained, cfg.max_grad_norm)
+    average_gradients(models.trainable_parameters(), accelerator)
+    grad_norm = accelerator.clip_grad_norm_(models.policy_parameters(), cfg.max_grad_norm)
+    value_grad_norm = accelerator.clip_grad_norm_(models.value_parameters(), cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": ppo_math.masked_mean(entropy.detach(), mask).item(),
-            "grad_norm": float(grad_norm), **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
+            "grad_norm": float(grad_norm), "value_grad_norm": float(value_grad_norm),
+            **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
+
+
+def value_clip_range(batch: rollout.Rollout, cfg) -> float:
+    """`ppo.value_clip` in the unit `ppo.value_clip_unit` names: as given, or in standard
+    deviations of the rollout's returns (a critic's step sized to what it must learn)."""
+    if cfg.value_clip_unit == "absolute":
+        return cfg.value_clip
+    returns = batch.returns[batch.mask.bool()]
+    return cfg.value_clip * max(float(returns.std(unbiased=False)), 1e-6)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -89,10 +101,15 @@ def mean_over_processes(stats: dict[str, float], accelerator: Accelerator) -> di
 
 
 def rollout_stats(batch: rollout.Rollout) -> dict[str, float]:
-    """What a rollout says of the policy: the reward model's mean score, the mean summed KL
-    to the reference per response, response length and the share that ended on EOS."""
+    """What a rollout says of the policy and the critic: the reward model's mean score, the
+    score with its penalties (what is optimised, with the KL), the mean summed KL per response,
+    the mean return and value at a response's first token, how much of the returns' variance
+    the critic explained before the updates, response length and the share that ended on EOS."""
     lengths = batch.mask.sum(1).float()
-    return {"reward": batch.scores.mean().item(), "kl": batch.kl.sum(1).mean().item(),
+    return {"reward": batch.scores.mean().item(), "score": batch.score.mean().item(),
+            "kl": batch.kl.sum(1).mean().item(), "return": batch.returns[:, 0].mean().item(),
+            "value": batch.values[:, 0].mean().item(),
+            "explained_variance": ppo_math.explained_variance(batch.values, batch.returns, batch.mask),
             "response_length": lengths.mean().item(), "eos_rate": batch.ended.float().mean().item()}
 
 
@@ -202,12 +219,13 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     for step in tqdm(range(start, len(batches)), desc="ppo", initial=start, total=len(batches), disable=not progress):
         torch.manual_seed(params.seed * 100_003 + step * world + rank)  # each process samples its share of the batch
         batch = rollout.collect(models, [prompts[i] for i in batches[step][rank::world]], cfg, kl_coef=controller.coef,
-                                video_root=params.data.video_root, num_frames=params.data.num_frames, batch_size=cfg.step_batch_size)
+                                video_root=params.data.video_root, num_frames=params.data.num_frames,
+                                batch_size=cfg.step_batch_size, calibrate_value=cfg.calibrate_value and step == 0)
         models.model.train(cfg.gradient_checkpointing)  # layers recompute only in train mode
-        updates = []
+        updates, value_clip = [], value_clip_range(batch, cfg)
         for _ in range(cfg.ppo_epochs):
             for index in np.array_split(torch.randperm(len(batch)).numpy(), minibatches):
-                updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer, scheduler))
+                updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer, scheduler, value_clip))
         stats = mean_over_processes({**rollout_stats(batch), **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}, accelerator)
         entry = {"step": step + 1, **stats, "kl_coef": controller.coef, "learning_rate": scheduler.get_last_lr()[0]}
         log.append({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()})

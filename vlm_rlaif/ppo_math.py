@@ -1,11 +1,12 @@
 """The mathematics of PPO with a KL penalty, on [batch, response tokens] tensors.
 
 A response's tokens are its actions. The reward model scores the whole response once; that
-score, with the length and missing-EOS penalties, scaled, lands on the response's last token,
-and every token pays the KL penalty to the reference policy (PAPER.md: coefficient 0.1, the
-k1 estimator clamped at zero). Advantages come from GAE over the value model's estimates and
-are whitened over the batch; the policy loss is PPO's clipped surrogate and the value loss
-is clipped around the rollout's values. `mask` is 1 on a response's tokens up to and
+score, with the length and missing-EOS penalties, lands on the response's last token, every
+token pays the KL penalty to the reference policy (PAPER.md: coefficient 0.1, the k1
+estimator clamped at zero), and the whole shaped reward is scaled (x10, as the release does).
+Advantages come from GAE over the value model's estimates and are whitened over the batch;
+the policy loss is PPO's clipped surrogate and the value loss is clipped around the
+rollout's values. `mask` is 1 on a response's tokens up to and
 including its EOS and 0 after: nothing after EOS earns reward, advantage or loss.
 """
 
@@ -73,23 +74,56 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def sequence_score(
-    reward: torch.Tensor, lengths: torch.Tensor, has_eos: torch.Tensor, *, max_new_tokens: int, length_penalty: float, missing_eos_penalty: float
+    reward: torch.Tensor, lengths: torch.Tensor, has_eos: torch.Tensor, *, length_penalty: float,
+    length_penalty_tokens: int, missing_eos_penalty: float,
 ) -> torch.Tensor:
     """The reward model's score of each response with the paper's penalties: minus
-    `length_penalty` times the response's share of `max_new_tokens`, and minus
-    `missing_eos_penalty` when generation stopped without an EOS."""
-    return reward - length_penalty * lengths.to(reward.dtype) / max_new_tokens - missing_eos_penalty * (~has_eos.bool()).to(reward.dtype)
+    `length_penalty` per `length_penalty_tokens` tokens of response (the paper's -10 per 896),
+    and minus `missing_eos_penalty` when generation stopped without an EOS."""
+    per_token = length_penalty / length_penalty_tokens
+    no_eos = (~has_eos.bool()).to(reward.dtype)
+    return reward - per_token * lengths.to(reward.dtype) - missing_eos_penalty * no_eos
 
 
-def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, reward_scale: float) -> torch.Tensor:
-    """Per-token rewards: -kl_coef * KL at every response token, and the scaled sequence
-    score (`sequence_score` x `reward_scale`) added at each response's last token. The scale
-    applies to the score alone, so `kl_coef` keeps its meaning."""
+def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float,
+                   reward_scale: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL at every response token and the sequence score added at
+    each response's last token, all times `reward_scale`: the release scales the whole shaped
+    reward, so the KL penalty keeps its weight against the score."""
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1) - 1).clamp(min=0).long()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += reward_scale * score * (mask.sum(1) > 0)
-    return rewards
+    rewards[rows, last] += score * (mask.sum(1) > 0)
+    return reward_scale * rewards
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The discounted sum of each token's reward and all after it: the return a perfect critic
+    would predict, whatever the critic now says."""
+    mask = mask.to(rewards.dtype)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
+def affine_fit(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(a, b) minimising the squared error of a * x + b against y over the masked positions:
+    how to rescale and shift a critic so that its estimates sit on the returns' scale."""
+    x, y = x[mask.bool()].double(), y[mask.bool()].double()
+    x_var = x.var(unbiased=False)
+    a = ((x - x.mean()) * (y - y.mean())).mean() / x_var if x_var > 1e-12 else torch.zeros(())
+    return float(a), float(y.mean() - a * x.mean())
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked positions: 1 for a critic that
+    predicts every return, 0 for one no better than the mean, negative for worse."""
+    values, returns = values[mask.bool()].double(), returns[mask.bool()].double()
+    total = returns.var(unbiased=False)
+    return float(1 - (returns - values).var(unbiased=False) / total) if total > 1e-12 else 0.0
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

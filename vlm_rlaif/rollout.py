@@ -3,8 +3,9 @@
 For a batch of RL prompts: each video encoded once; a response per prompt from the policy
 (temperature and top_p, PAPER.md); under no gradient the log-probs of its tokens under the
 policy and the reference, the value model's estimates, and the reward model's score; then
-the per-token rewards (KL penalty at every token, the penalised and scaled score at the
-last), GAE advantages (whitened) and returns.
+the per-token rewards (KL penalty at every token, the penalised score at the last, all
+scaled), GAE advantages (whitened) and returns. On a fresh run's first rollout the value head
+can be calibrated first: rescaled and shifted onto the returns it is about to learn.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
+    score: torch.Tensor
     kl: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
@@ -90,8 +92,10 @@ def collect(
     video_root: str | Path,
     num_frames: int,
     batch_size: int,
+    calibrate_value: bool = False,
 ) -> Rollout:
-    """A rollout batch for `prompts` (see the module docstring), reproducible under a fixed torch seed."""
+    """A rollout batch for `prompts` (see the module docstring), reproducible under a fixed
+    torch seed; with `calibrate_value`, the value head is calibrated on it first."""
     media, video_of = distinct_media(prompts, video_root)
     unique = [load_video(source, num_frames) for source in media]
     encoded = models.encode(unique, batch_size)
@@ -121,12 +125,18 @@ def collect(
 
     mask_f = mask.float()
     kl = ppo_math.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask_f
-    score = ppo_math.sequence_score(scores, mask.sum(1), ended, max_new_tokens=cfg.max_new_tokens,
-                                    length_penalty=cfg.length_penalty, missing_eos_penalty=cfg.missing_eos_penalty)
+    score = ppo_math.sequence_score(scores, mask.sum(1), ended, length_penalty=cfg.length_penalty,
+                                    length_penalty_tokens=cfg.length_penalty_tokens,
+                                    missing_eos_penalty=cfg.missing_eos_penalty)
     rewards = ppo_math.shaped_rewards(score, kl, mask_f, kl_coef=kl_coef, reward_scale=cfg.reward_scale)
     if cfg.whiten_rewards:
         rewards = ppo_math.whiten(rewards, mask_f, shift_mean=False)
+    if calibrate_value:
+        to_go = ppo_math.reward_to_go(rewards, mask_f, cfg.gamma)
+        scale, shift = ppo_math.affine_fit(values, to_go, mask_f)
+        models.calibrate_value_head(scale, shift)
+        values = scale * values + shift  # what the calibrated head now says
     advantages, returns = ppo_math.gae(rewards, values * mask_f, mask_f, cfg.gamma, cfg.lam)
     advantages = ppo_math.whiten(advantages, mask_f)
     return Rollout(asked, videos, features, texts, responses, mask, ended, logprobs * mask_f, ref_logprobs * mask_f,
-                   values * mask_f, scores, kl, rewards, advantages, returns)
+                   values * mask_f, scores, score, kl, rewards, advantages, returns)
