@@ -56,8 +56,9 @@ def test_ppo_trains_logs_and_saves_a_policy_that_peft_loads(trained, monkeypatch
                     checkpoints=tmp_path / "ckpt", progress=False)
     log = json.loads((out / ppo.LOG_FILE).read_text())
     assert [e["step"] for e in log] == [1, 2]  # 4 RL prompts in rollout batches of 2
-    for key in ("reward", "score", "return", "value", "explained_variance", "kl", "entropy", "policy_loss",
-                "value_loss", "grad_norm", "value_grad_norm", "clip_fraction", "response_length", "eos_rate"):
+    for key in ("reward", "score", "return", "value", "explained_variance", "kl", "entropy",
+                "policy_loss", "value_loss", "grad_norm", "value_grad_norm", "clip_fraction",
+                "response_length", "eos_rate"):
         assert all(isinstance(e[key], float) for e in log), key
     base, _ = load_model_and_processor("artifacts/base")
     loaded = PeftModel.from_pretrained(base, out / "policy")
@@ -95,7 +96,8 @@ def test_a_minibatch_step_moves_policy_and_value_and_nothing_else(trained, monke
     head = models.value_head.weight.clone()
     optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=1e-2)
     scheduler = get_scheduler("constant", optimizer)
-    stats = ppo.minibatch_step(models, batch, params.ppo, Accelerator(), optimizer, scheduler, value_clip=0.2)
+    stats = ppo.minibatch_step(models, batch, params.ppo, Accelerator(), optimizer, scheduler,
+                               value_clip=0.2)
     assert stats["clip_fraction"] == 0.0  # the first step is on-policy: every ratio is 1
     after = models.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -158,8 +160,9 @@ def test_the_first_rollout_calibrates_the_value_head_onto_the_returns(trained, m
     for calibrate in (False, True):
         models = policy.load(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
         torch.manual_seed(0)
-        rollouts[calibrate] = rollout.collect(models, prompts, params.ppo, kl_coef=0.1, video_root=params.data.video_root,
-                                              num_frames=params.data.num_frames, batch_size=2, calibrate_value=calibrate)
+        rollouts[calibrate] = rollout.collect(
+            models, prompts, params.ppo, kl_coef=0.1, video_root=params.data.video_root,
+            num_frames=params.data.num_frames, batch_size=2, calibrate_value=calibrate)
     raw, calibrated = rollouts[False], rollouts[True]
     torch.testing.assert_close(calibrated.rewards, raw.rewards)  # the same responses and rewards
     mask = raw.mask.bool()
@@ -170,6 +173,8 @@ def test_the_first_rollout_calibrates_the_value_head_onto_the_returns(trained, m
     assert error(calibrated) <= error(raw)
     assert ppo_math.explained_variance(calibrated.values, to_go, raw.mask) >= -1e-6
     # the model's own head gives the calibrated values: PPO's updates start from them
-    values = models.values(prompts=calibrated.prompts, features=calibrated.features, responses=calibrated.responses,
-                           response_mask=calibrated.mask, videos=calibrated.videos)
-    torch.testing.assert_close((values * calibrated.mask).detach(), calibrated.values, rtol=1e-4, atol=1e-4)
+    values = models.values(prompts=calibrated.prompts, features=calibrated.features,
+                           responses=calibrated.responses, response_mask=calibrated.mask,
+                           videos=calibrated.videos)
+    torch.testing.assert_close((values * calibrated.mask).detach(), calibrated.values,
+                               rtol=1e-4, atol=1e-4)

@@ -64,12 +64,14 @@ def test_the_clipped_value_loss():
 
 
 def test_the_sequence_score_and_its_place_at_the_last_token():
-    score = ppo.sequence_score(torch.tensor([1.0, 1.0]), torch.tensor([48, 96]), torch.tensor([False, True]),
-                               length_penalty=10.0, length_penalty_tokens=96, missing_eos_penalty=8.0)
+    score = ppo.sequence_score(torch.tensor([1.0, 1.0]), torch.tensor([48, 96]),
+                               torch.tensor([False, True]), length_penalty=10.0,
+                               length_penalty_tokens=96, missing_eos_penalty=8.0)
     close(score, [1 - 5 - 8, 1 - 10])
     # the paper's rate: -10 per 896 tokens, whatever max_new_tokens is
     paper = ppo.sequence_score(torch.tensor([0.0]), torch.tensor([448]), torch.tensor([True]),
-                               length_penalty=10.0, length_penalty_tokens=896, missing_eos_penalty=8.0)
+                               length_penalty=10.0, length_penalty_tokens=896,
+                               missing_eos_penalty=8.0)
     close(paper, [-5.0])
     kl, mask = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.1, 0.1, 0.1]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     rewards = ppo.shaped_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.1, reward_scale=10.0)
@@ -78,9 +80,11 @@ def test_the_sequence_score_and_its_place_at_the_last_token():
 
 
 def test_reward_to_go_sums_what_comes_after():
-    rewards, mask = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.0, 0.0, 0.0, 4.0]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.0, 0.0, 0.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     close(ppo.reward_to_go(rewards, mask, gamma=1.0), [[6.0, 5.0, 3.0, 0.0], [4.0, 4.0, 4.0, 4.0]])
-    close(ppo.reward_to_go(rewards, mask, gamma=0.5), [[1 + 1 + 0.75, 2 + 1.5, 3.0, 0.0], [0.5, 1.0, 2.0, 4.0]])
+    close(ppo.reward_to_go(rewards, mask, gamma=0.5),
+          [[1 + 1 + 0.75, 2 + 1.5, 3.0, 0.0], [0.5, 1.0, 2.0, 4.0]])
     # with gamma = lambda = 1, GAE's returns are the reward to go whatever the critic says
     _, returns = ppo.gae(rewards, torch.randn(2, 4), mask, gamma=1.0, lam=1.0)
     close(returns, ppo.reward_to_go(rewards, mask, gamma=1.0))
@@ -91,7 +95,7 @@ def test_a_critic_calibrated_by_the_affine_fit_explains_what_it_can():
     mask = torch.ones(4, 8, dtype=torch.long)
     mask[0, 5:] = 0
     raw = torch.randn(4, 8)
-    returns = -40.0 + 0.3 * raw + 0.01 * torch.randn(4, 8)  # the raw critic, off by a scale and a shift
+    returns = -40.0 + 0.3 * raw + 0.01 * torch.randn(4, 8)  # the raw critic: scaled and shifted
     assert ppo.explained_variance(raw, returns, mask) < 0
     a, b = ppo.affine_fit(raw, returns, mask)
     assert abs(a - 0.3) < 0.01 and abs(b + 40.0) < 0.01

@@ -325,7 +325,8 @@ class PPOConfig:
     ppo_epochs: int = field(default=2, metadata=positive())
     clip_range: float = field(default=0.2, metadata=positive())
     value_clip: float = field(default=0.2, metadata=positive())
-    value_clip_unit: Literal["absolute", "return_std"] = "absolute"  # the release's; or the returns' std
+    # "absolute": the release's; "return_std": in standard deviations of the rollout's returns
+    value_clip_unit: Literal["absolute", "return_std"] = "absolute"
     calibrate_value: bool = False  # on the first rollout, the value head rescaled onto the returns
     vf_coef: float = field(default=0.1, metadata=non_negative())
     gamma: float = field(default=1.0, metadata=unit())
@@ -340,7 +341,7 @@ class PPOConfig:
     query_length: int = field(default=128, metadata=positive())
     max_new_tokens: int = field(default=896, metadata=positive())
     length_penalty: float = field(default=10.0, metadata=non_negative())
-    length_penalty_tokens: int = field(default=896, metadata=positive())  # the penalty per this many tokens
+    length_penalty_tokens: int = field(default=896, metadata=positive())  # length_penalty per this many
     missing_eos_penalty: float = field(default=8.0, metadata=non_negative())
     reward_scale: float = field(default=10.0, metadata=positive())
     whiten_rewards: bool = False

@@ -46,8 +46,8 @@ LOG_FILE = "log.json"
 PLOTS_DIR = Path("reports/plots/ppo")  # each seed's log again (seed-N.json), where `dvc plots show` finds it
 
 
-def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator, optimizer, scheduler,
-                   value_clip: float) -> dict[str, float]:
+def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator,
+                   optimizer, scheduler, value_clip: float) -> dict[str, float]:
     """One optimizer step on a minibatch: the policy's clipped surrogate, then the value
     model's loss clipped at `value_clip` (each backpropagated after its own pass, one adapter
     at a time), each model's gradient norm clipped on its own: the critic's large early
@@ -109,7 +109,8 @@ def rollout_stats(batch: rollout.Rollout) -> dict[str, float]:
     return {"reward": batch.scores.mean().item(), "score": batch.score.mean().item(),
             "kl": batch.kl.sum(1).mean().item(), "return": batch.returns[:, 0].mean().item(),
             "value": batch.values[:, 0].mean().item(),
-            "explained_variance": ppo_math.explained_variance(batch.values, batch.returns, batch.mask),
+            "explained_variance": ppo_math.explained_variance(batch.values, batch.returns,
+                                                              batch.mask),
             "response_length": lengths.mean().item(), "eos_rate": batch.ended.float().mean().item()}
 
 
@@ -225,7 +226,8 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         updates, value_clip = [], value_clip_range(batch, cfg)
         for _ in range(cfg.ppo_epochs):
             for index in np.array_split(torch.randperm(len(batch)).numpy(), minibatches):
-                updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer, scheduler, value_clip))
+                updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator,
+                                              optimizer, scheduler, value_clip))
         stats = mean_over_processes({**rollout_stats(batch), **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}, accelerator)
         entry = {"step": step + 1, **stats, "kl_coef": controller.coef, "learning_rate": scheduler.get_last_lr()[0]}
         log.append({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()})
