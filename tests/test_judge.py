@@ -9,8 +9,9 @@ from vlm_rlaif import prompts
 from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator
 from vlm_rlaif.data import SFTRecord, Turn
 from vlm_rlaif.generation import encode_videos
-from vlm_rlaif.judge import JudgeError, Verdict, judge_pairs, label_probabilities, label_token_ids, read_judge, select
-from vlm_rlaif.modeling import build_inputs
+from vlm_rlaif.judge import (JudgeError, Verdict, answer_likelihoods, judge_pairs, label_probabilities, label_token_ids,
+                             likelihood_pairs, likelihood_verdict, read_judge, select)
+from vlm_rlaif.modeling import build_inputs, load_model_and_processor
 
 FRAMES = 4
 QUESTION = "What colour is the triangle?"
@@ -98,3 +99,63 @@ def test_averaging_cancels_a_position_bias_and_selection_counts_what_it_drops():
     assert select([biased, sure, second], min_margin=0.0) == ([1, 2], {"inconsistent": 1, "low_margin": 0})
     # without the order filter the biased verdict stands on its averaged preference, margin 0
     assert select([biased, sure, second], min_margin=0.0, drop_inconsistent=False) == ([0, 1, 2], {"inconsistent": 0, "low_margin": 0})
+
+
+def test_the_likelihood_reading_is_the_models_own_loss_in_no_order(tiny_vlm):
+    model, processor = tiny_vlm
+    vids = videos(3)
+    scores = answer_likelihoods(model, processor, vids, [QUESTION] * 3, [ANSWERS[0], ANSWERS[1], ANSWERS[0]],
+                                batch_size=2)
+    for video, answer, score in zip(vids, [ANSWERS[0], ANSWERS[1], ANSWERS[0]], scores):
+        conversation = [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": answer}]
+        batch = build_inputs(processor, [video], [conversation], add_generation_prompt=False, assistant_masks=True)
+        mask = batch.pop("assistant_masks").bool()
+        with torch.no_grad():
+            loss = model(**batch, labels=batch["input_ids"].masked_fill(~mask, IGNORE_INDEX)).loss
+        assert score == pytest.approx(-loss.item(), abs=1e-4)  # the mean over the answer and its end of turn
+    contexts = [None, prompts.format_context(["A green triangle stays still.", "It stays still."])]
+    forward = likelihood_pairs(model, processor, vids[:2], [QUESTION] * 2, [ANSWERS[0]] * 2, [ANSWERS[1]] * 2, contexts)
+    backward = likelihood_pairs(model, processor, vids[:2], [QUESTION] * 2, [ANSWERS[1]] * 2, [ANSWERS[0]] * 2, contexts)
+    for f, b in zip(forward, backward):
+        assert f.preference + b.preference == pytest.approx(1.0, abs=1e-5) and f.consistent and f.label_mass == 1.0
+    assert forward[0].preference != pytest.approx(forward[1].preference, abs=1e-6)  # the context reaches the reading
+    assert likelihood_verdict(-1.0, -2.0).winner == 1 and likelihood_verdict(-2.0, -1.0).winner == 2
+
+
+def test_the_likelihood_judge_prefers_the_answer_a_model_that_sees_gives(built):
+    """Taught to name an object's colour, the model's likelihood reading picks the right
+    colour over a wrong one on videos it never saw; untaught, it cannot tell them apart."""
+    model, processor = load_model_and_processor(built / "artifacts/base")
+    colours = {"Red.": (220, 30, 30), "Green.": (30, 200, 30), "Blue.": (30, 30, 220), "Yellow.": (230, 220, 30)}
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[list[np.ndarray], list[str]]:
+        frames, answers = [], []
+        for answer in rng.choice(list(colours), n):
+            video = np.full((4, 32, 32, 3), 30, np.uint8)
+            x, y = rng.integers(0, 22, 2)
+            video[:, y : y + 10, x : x + 10] = colours[answer]
+            frames.append(video)
+            answers.append(str(answer))
+        return frames, answers
+
+    def agreement() -> float:
+        frames, right = draw(24)
+        wrong = [list(colours)[(list(colours).index(a) + 1 + i % 3) % 4] for i, a in enumerate(right)]
+        verdicts = likelihood_pairs(model, processor, frames, ["What colour is the object?"] * 24, right, wrong,
+                                    [None] * 24, batch_size=8)
+        return float(np.mean([v.winner == 1 for v in verdicts]))
+
+    before = agreement()
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(200):
+        frames, answers = draw(8)
+        conversations = [[{"from": "human", "value": "<image>\nWhat colour is the object?"}, {"from": "gpt", "value": a}]
+                         for a in answers]
+        batch = build_inputs(processor, frames, conversations, add_generation_prompt=False, assistant_masks=True)
+        mask = batch.pop("assistant_masks").bool()
+        model(**batch, labels=batch["input_ids"].masked_fill(~mask, IGNORE_INDEX)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert agreement() >= 0.9 > before

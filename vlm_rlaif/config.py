@@ -277,6 +277,7 @@ class PreferencesConfig:
     num_clips: int = field(default=3, metadata=positive())
     max_clip_frames: int = field(default=20, metadata=positive())
     caption_max_new_tokens: int = field(default=256, metadata=positive())
+    judge_reading: Literal["label", "likelihood"] = "label"  # vlm_rlaif/judge.py says what each reads
     min_margin: float = field(default=0.0, metadata=_check(0, 1))
     drop_inconsistent: bool = True  # drop pairs whose verdict flips with the answers' order (position bias)
     max_resample: int = field(default=2, metadata=non_negative())

@@ -1,18 +1,24 @@
 """The judge: the SFT model itself says which of two responses to a video question is better.
 
-The verdict is read from the next-token distribution after the judge prompt, not from a
-generated reply: the probability of label A against label B is a graded preference, and a
-margin to filter on. A judge favours a position as much as a response, so every pair is
-judged twice, the responses swapped the second time; the two readings, each turned into "the
-first response is better", are averaged. Pairs whose two orders pick different winners, or
-whose averaged preference is too close to even, are dropped.
+Two readings (`preferences.judge_reading`). "label", the paper's: the verdict is read from
+the next-token distribution after the judge prompt, not from a generated reply: the
+probability of label A against label B is a graded preference, and a margin to filter on. A
+judge favours a position as much as a response, so every pair is judged twice, the responses
+swapped the second time; the two readings, each turned into "the first response is better",
+are averaged. Pairs whose two orders pick different winners, or whose averaged preference is
+too close to even, are dropped. "likelihood": each response is scored by how likely the
+model finds it as the answer (mean log-probability per token), the context opening the
+question; the likelier response wins. Nothing is shown in an order, so there is no position
+bias to cancel and no pair is lost to it; a small model that cannot yet answer "A or B"
+still knows which answer fits what it sees.
 
 With `context` (the clip captions, `prompts.format_context`) the judge is context-aware, as
-in the paper; without it, it is the ablation.
+in the paper; without it, the same reading is the ablation.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +30,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from vlm_rlaif import prompts
 from vlm_rlaif.data import PLACEHOLDER
 from vlm_rlaif.generation import with_features
+from vlm_rlaif.logprobs import token_logprobs
 from vlm_rlaif.modeling import build_inputs
 
 
@@ -98,7 +105,8 @@ def read_judge(
 class Verdict:
     """One pair judged in both orders. `first_as_a`: P(A) with the first response shown as A;
     `first_as_b`: P(A) with it shown as B; `label_mass`: the two labels' probability mass,
-    averaged over both orders. `preference`: P(first is better), the two orders averaged."""
+    averaged over both orders. `preference`: P(first is better), the two orders averaged.
+    A likelihood reading has no labels and no order: `likelihood_verdict` fills the fields."""
 
     first_as_a: float
     first_as_b: float
@@ -149,6 +157,74 @@ def judge_pairs(
         features=None if features is None else [*features, *features], batch_size=batch_size, progress=progress,
     )
     return [Verdict(p_a[i], p_a[n + i], (mass[i] + mass[n + i]) / 2) for i in range(n)]
+
+
+def likelihood_verdict(first: float, second: float) -> Verdict:
+    """The verdict of two responses' mean log-probabilities per token: P(first is better) is
+    the logistic of their difference, the same whichever is shown first; the mass is whole."""
+    p = 1.0 / (1.0 + math.exp(second - first))
+    return Verdict(p, 1.0 - p, 1.0)
+
+
+@torch.no_grad()
+def answer_likelihoods(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    videos: Sequence[np.ndarray],
+    questions: Sequence[str],
+    responses: Sequence[str],
+    *,
+    features: Sequence[torch.Tensor] | None = None,
+    batch_size: int = 8,
+) -> list[float]:
+    """Mean log-probability per token of each response (and its end of turn) as the reply to
+    its (video, question), from the hidden states through the head a chunk at a time."""
+    if not len(videos) == len(questions) == len(responses):
+        raise JudgeError(f"{len(videos)} videos, {len(questions)} questions, {len(responses)} responses")
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(questions), batch_size):
+            stop = start + batch_size
+            conversations = [[{"from": "human", "value": f"{PLACEHOLDER}\n{q}"}, {"from": "gpt", "value": r}]
+                             for q, r in zip(questions[start:stop], responses[start:stop])]
+            inputs = build_inputs(processor, list(videos[start:stop]), conversations,
+                                  add_generation_prompt=False, assistant_masks=True).to(model.device)
+            mask = inputs.pop("assistant_masks")[:, 1:].float()
+            kwargs = with_features(inputs, features[start:stop]) if features is not None else dict(inputs)
+            hidden = model.model(**kwargs).last_hidden_state[:, :-1]
+            head = model.get_output_embeddings().weight
+            logp, _ = token_logprobs(hidden, head, kwargs["input_ids"][:, 1:].to(hidden.device))
+            scores.extend(((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def likelihood_pairs(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    videos: Sequence[np.ndarray],
+    questions: Sequence[str],
+    first: Sequence[str],
+    second: Sequence[str],
+    contexts: Sequence[str | None],
+    *,
+    features: Sequence[torch.Tensor] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[Verdict]:
+    """The likelihood reading of each (video, question, first, second, context): both
+    responses scored as answers to the question, the context (if any) opening it."""
+    n = len(questions)
+    if not len(videos) == len(first) == len(second) == len(contexts) == n:
+        raise JudgeError(f"likelihood_pairs: {len(videos)} videos, {n} questions, {len(first)}/{len(second)} responses, "
+                         f"{len(contexts)} contexts")
+    asked = [prompts.with_context(q, c) for q, c in zip(questions, contexts)]
+    scores = answer_likelihoods(model, processor, [*videos, *videos], asked + asked, [*first, *second],
+                                features=None if features is None else [*features, *features], batch_size=batch_size)
+    return [likelihood_verdict(scores[i], scores[n + i]) for i in range(n)]
 
 
 def select(verdicts: Sequence[Verdict], min_margin: float, drop_inconsistent: bool = True) -> tuple[list[int], dict[str, int]]:

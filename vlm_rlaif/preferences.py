@@ -142,8 +142,9 @@ def prefer_shard(
         )]
     judged = [i for i, pair in enumerate(pairs.responses) if pair is not None]
     verdicts: dict[str, list[Verdict]] = {}
+    reading = judge_pairs if cfg.judge_reading == "label" else judge.likelihood_pairs
     for name in JUDGES if cfg.use_context else ("no_context",):
-        verdicts[name] = judge_pairs(
+        verdicts[name] = reading(
             model, processor, [videos[video_of[i]] for i in judged], [shard[i].question() for i in judged],
             [pairs.responses[i][0] for i in judged], [pairs.responses[i][1] for i in judged],
             [prompts.format_context(captions[video_of[i]]) if name == "context" else None for i in judged],

@@ -64,6 +64,11 @@ def format_context(captions: list[str]) -> str:
     return load("judge_context").strip().format(clips=clips)
 
 
+def with_context(question: str, context: str | None) -> str:
+    """The question, opened by a context block (`format_context`) when there is one."""
+    return f"{context}\n\n{question}" if context else question
+
+
 def judge_prompt(question: str, response_a: str, response_b: str, context: str | None = None) -> str:
     """The judge's question: which of two responses is better. Its answer is one label of
     JUDGE_LABELS. `context` is a block from `format_context`, or None for no context."""
