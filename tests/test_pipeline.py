@@ -16,8 +16,8 @@ from conftest import PARAMS, PPO, PREFERENCES, RM, ROOT, kill_when, make_project
 
 TINY = PARAMS | {
     "sft": PARAMS["sft"] | {"epochs": 1.0},
-    "preferences": PREFERENCES | {"drop_inconsistent": False},  # the barely trained judge is all position bias
-    "reward_model": RM,
+    "preferences": PREFERENCES,  # the repo's likelihood reading: no order, every pair kept
+    "reward_model": RM | {"min_pairs": 2},  # the tiny world has 4 RL prompts
     "ppo": PPO | {"seeds": [0, 1]},
     "evaluate": {"max_new_tokens": 8, "batch_size": 4},
 }

@@ -178,3 +178,14 @@ def test_the_first_rollout_calibrates_the_value_head_onto_the_returns(trained, m
                            videos=calibrated.videos)
     torch.testing.assert_close((values * calibrated.mask).detach(), calibrated.values,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_the_reward_model_stage_stops_on_too_few_pairs_and_writes_nothing(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    strict = load_params("params.yaml", overrides={"reward_model": RM | {"min_pairs": 100}, "ppo": PPO})
+    with pytest.raises(rm.TooFewPairs, match=r"ppo_prefs/preferences\.json: \d+ preference pairs, fewer than "
+                                             r"reward_model\.min_pairs \(100\)"):
+        rm.train(strict, preferences=Path("ppo_prefs"), policy=Path("artifacts/base"), out=tmp_path / "rm",
+                 checkpoints=tmp_path / "ckpt")
+    assert not (tmp_path / "rm").exists() and not (tmp_path / "ckpt").exists()

@@ -166,7 +166,8 @@ def test_the_stage_trains_saves_and_scores_every_judged_pair(staged, tmp_path):
     quality = rm.reward_quality(judged, rewards, split, scenes)
     assert quality["pairs"] == {"train": len(judged) - 2, "heldout": 1, "unkept": 1}
     assert quality["heldout"]["ai"]["pairs"] == 1 and quality["unkept"]["judge"]["pairs"] == 1
-    assert quality["oracle"]["judge"] == {"accuracy": 1.0, "pairs": 2}  # the hand-made labels are the oracle's
+    # the hand-made labels are the oracle's; two pairs cannot tell a sure ranker from a coin
+    assert quality["oracle"]["judge"] == {"accuracy": 1.0, "pairs": 2, "at_chance": True}
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_model(staged, tmp_path, capsys):
@@ -226,7 +227,7 @@ def test_reward_quality_counts_against_the_oracle(built):
     good = rm.reward_quality(judged, right, split, scenes)
     assert good["pairs"] == {"train": 1, "heldout": 1, "unkept": n - 2}
     assert good["heldout"]["ai"]["accuracy"] == good["heldout"]["oracle"]["accuracy"] == 1.0
-    assert good["oracle"]["reward_model"] == {"accuracy": 1.0, "pairs": n - 1}
+    assert good["oracle"]["reward_model"] == {"accuracy": 1.0, "pairs": n - 1, "at_chance": True}  # few pairs
     assert good["oracle"]["reward_correlation"] > 0.5 and good["oracle"]["margin_correlation"] > 0.5
     flipped = rm.reward_quality(judged, right[:, ::-1], split, scenes)
     assert flipped["oracle"]["reward_model"]["accuracy"] == 0.0 and flipped["unkept"]["judge"]["accuracy"] == 0.0

@@ -107,3 +107,10 @@ def test_answers_that_do_not_pair_are_refused(scenes):
         verdict.paired(sft, {1: sft[0]})
     with pytest.raises(ValueError, match="SFT answered 2 questions a seed, RLAIF 1"):
         verdict.paired(sft, {0: {k: v[:1] for k, v in sft[0].items()}})
+
+
+def test_accuracy_at_chance_is_a_coin_inside_the_wilson_interval():
+    assert verdict.at_chance(50, 100) and verdict.at_chance(59, 100) and verdict.at_chance(41, 100)
+    assert not verdict.at_chance(60, 100) and not verdict.at_chance(40, 100)  # Wilson: [0.502, 0.691]
+    assert verdict.at_chance(7, 10) and not verdict.at_chance(70, 100)  # the same rate, ten times the pairs
+    assert verdict.at_chance(0, 0) is None

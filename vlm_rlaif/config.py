@@ -299,6 +299,7 @@ class RewardModelConfig:
     batch_size: int = field(default=2, metadata=positive())
     grad_accum: int = field(default=1, metadata=positive())
     heldout: float = field(default=500, metadata=positive())
+    min_pairs: int = field(default=1, metadata=positive())  # fewer stops the stage (TooFewPairs)
     centering_coef: float = field(default=1e-3, metadata=non_negative())
     max_length: int = field(default=2048, metadata=positive())
     context_in_instruction: bool = False

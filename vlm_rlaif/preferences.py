@@ -32,6 +32,7 @@ from vlm_rlaif.judge import Verdict, judge_pairs, select
 from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.synthetic.language import clip_ranges
 from vlm_rlaif.synthetic.oracle import score_description
+from vlm_rlaif.verdict import at_chance
 from vlm_rlaif.video import load_clips, load_video
 
 OUT = Path("artifacts/preferences")
@@ -289,7 +290,8 @@ def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | 
     def agreement(rows: Sequence[int], winners: Mapping[int, int]) -> dict:
         scored = [i for i in rows if truth[i] is not None]
         right = sum(winners[i] == truth[i] for i in scored)
-        return {"agreement": right / len(scored) if scored else None, "pairs": len(scored)}
+        return {"agreement": right / len(scored) if scored else None, "pairs": len(scored),
+                "at_chance": at_chance(right, len(scored))}
 
     judges = {}
     for name in JUDGES:

@@ -30,8 +30,10 @@ from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainingArgum
 from vlm_rlaif import data, io, modeling, prompts as prompt_files, stage, video
 from vlm_rlaif.config import ConfigError, Params, RewardModelConfig, transformers_scheduler
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
+from vlm_rlaif.errors import InputError
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
+from vlm_rlaif.verdict import at_chance
 from vlm_rlaif.video import load_video
 
 OUT = Path("artifacts/reward_model")
@@ -40,6 +42,10 @@ PREFERENCES = Path("artifacts/preferences")
 HEAD_FILE = "reward_head.safetensors"
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "reward_model.json"
+
+
+class TooFewPairs(InputError):
+    """Fewer preference pairs than `reward_model.min_pairs`: a reward model would learn noise."""
 
 
 def reward_conversation(prompt: Sequence[Mapping], response: str, context: Sequence[str] | None = None) -> list[dict]:
@@ -283,8 +289,9 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
     cfg = params.reward_model
     pairs_file = training_pairs(params, preferences)
     records = read_preferences(pairs_file).records
-    if not records:
-        raise ValueError(f"{pairs_file}: no preference pairs to train a reward model on")
+    if len(records) < cfg.min_pairs:
+        raise TooFewPairs(f"{pairs_file}: {len(records)} preference pairs, fewer than reward_model.min_pairs "
+                          f"({cfg.min_pairs}); the judge kept too few (reports/metrics/preferences.json)")
     train_set, heldout = split_heldout(records, cfg.heldout, params.seed)
     base = cfg.base or policy  # the paper's reward model sits on a larger SFT model than its policy
 
@@ -369,9 +376,12 @@ def reward_pairs(
 
 
 def _accuracy(winners: Mapping[int, int], labels: Mapping[int, int | None], rows: Sequence[int]) -> dict:
-    """How often `winners` match `labels` on `rows` (rows without a label are left out)."""
+    """How often `winners` match `labels` on `rows` (rows without a label are left out), and
+    whether that could be chance (`verdict.at_chance`)."""
     scored = [i for i in rows if labels.get(i) is not None]
-    return {"accuracy": sum(winners[i] == labels[i] for i in scored) / len(scored) if scored else None, "pairs": len(scored)}
+    right = sum(winners[i] == labels[i] for i in scored)
+    return {"accuracy": right / len(scored) if scored else None, "pairs": len(scored),
+            "at_chance": at_chance(right, len(scored))}
 
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:

@@ -9,6 +9,7 @@ drops true facts raises precision, never F1.
 
 from __future__ import annotations
 
+from statistics import NormalDist
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -126,3 +127,16 @@ def verdict(
         "reason": reason,
         "measures": measures,
     }
+
+
+
+def at_chance(right: int, count: int, level: float = 0.95) -> bool | None:
+    """Whether `right` of `count` two-way choices could be a coin's: 0.5 lies inside the
+    Wilson interval of their accuracy at `level`. None with nothing to count."""
+    if count == 0:
+        return None
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p, spread = right / count, z * z / count
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * np.sqrt(p * (1 - p) / count + spread / (4 * count)) / (1 + spread)
+    return bool(centre - half <= 0.5 <= centre + half)
