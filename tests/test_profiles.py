@@ -26,7 +26,7 @@ SHRUNK = {
     "sft": {"batch_size": 2, "grad_accum": 1, "num_processes": 1},
     "preferences": {"num_prompts": 2, "max_new_tokens": 6, "caption_max_new_tokens": 4, "batch_size": 2, "shard_size": 2,
                     "num_processes": 1},
-    "reward_model": {"heldout": 1, "batch_size": 1, "num_processes": 1},
+    "reward_model": {"heldout": 1, "batch_size": 1, "num_processes": 1, "min_pairs": 1},
     "ppo": {"num_prompts": 2, "rollout_batch_size": 2, "step_batch_size": 2, "max_new_tokens": 6, "policy_init_batch_size": 2,
             "num_processes": 1},
     "evaluate": {"max_new_tokens": 6, "num_samples": 2, "batch_size": 2},
