@@ -176,6 +176,7 @@ def answer_likelihoods(
     *,
     features: Sequence[torch.Tensor] | None = None,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> list[float]:
     """Mean log-probability per token of each response (and its end of turn) as the reply to
     its (video, question), from the hidden states through the head a chunk at a time."""
@@ -185,7 +186,8 @@ def answer_likelihoods(
     model.eval()
     scores: list[float] = []
     try:
-        for start in range(0, len(questions), batch_size):
+        batches = range(0, len(questions), batch_size)
+        for start in tqdm(batches, desc="judge", unit="batch", disable=not progress):
             stop = start + batch_size
             conversations = [[{"from": "human", "value": f"{PLACEHOLDER}\n{q}"}, {"from": "gpt", "value": r}]
                              for q, r in zip(questions[start:stop], responses[start:stop])]
@@ -223,7 +225,8 @@ def likelihood_pairs(
                          f"{len(contexts)} contexts")
     asked = [prompts.with_context(q, c) for q, c in zip(questions, contexts)]
     scores = answer_likelihoods(model, processor, [*videos, *videos], asked + asked, [*first, *second],
-                                features=None if features is None else [*features, *features], batch_size=batch_size)
+                                features=None if features is None else [*features, *features], batch_size=batch_size,
+                                progress=progress)
     return [likelihood_verdict(scores[i], scores[n + i]) for i in range(n)]
 
 
