@@ -76,8 +76,8 @@ def value_clip_range(batch: rollout.Rollout, cfg) -> float:
     deviations of the rollout's returns (a critic's step sized to what it must learn)."""
     if cfg.value_clip_unit == "absolute":
         return cfg.value_clip
-    returns = batch.returns[batch.mask.bool()]
-    return cfg.value_clip * max(float(returns.std(unbiased=False)), 1e-6)
+    _, variance = ppo_math.masked_moments(batch.returns, batch.mask)
+    return cfg.value_clip * max(float(variance) ** 0.5, 1e-6)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -106,7 +106,7 @@ def rollout_stats(batch: rollout.Rollout) -> dict[str, float]:
     the mean return and value at a response's first token, how much of the returns' variance
     the critic explained before the updates, response length and the share that ended on EOS."""
     lengths = batch.mask.sum(1).float()
-    return {"reward": batch.scores.mean().item(), "score": batch.score.mean().item(),
+    return {"reward": batch.scores.mean().item(), "score": batch.penalised.mean().item(),
             "kl": batch.kl.sum(1).mean().item(), "return": batch.returns[:, 0].mean().item(),
             "value": batch.values[:, 0].mean().item(),
             "explained_variance": ppo_math.explained_variance(batch.values, batch.returns,

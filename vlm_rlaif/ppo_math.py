@@ -31,19 +31,24 @@ def summed_over_processes(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """`x` scaled to unit variance over the masked positions (and centred, unless
-    `shift_mean` is off); zero where masked. The moments are the whole rollout's: over every
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of `x` over the masked positions of the whole rollout: over every
     process of a data-parallel run."""
     mask = mask.to(x.dtype)
     count, total = summed_over_processes(torch.stack([mask.sum(), (x * mask).sum()]))
     count = count.clamp(min=1)
     mean = total / count
-    variance = summed_over_processes(((x - mean) ** 2 * mask).sum()) / count
+    return mean, summed_over_processes(((x - mean) ** 2 * mask).sum()) / count
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """`x` scaled to unit variance over the masked positions (and centred, unless
+    `shift_mean` is off); zero where masked; the moments are the whole rollout's."""
+    mean, variance = masked_moments(x, mask)
     out = (x - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return out * mask.to(x.dtype)
 
 
 def response_mask(tokens: torch.Tensor, eos_ids: set[int], pad_id: int | None = None) -> torch.Tensor:
@@ -110,12 +115,16 @@ def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> tor
 
 
 def affine_fit(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(a, b) minimising the squared error of a * x + b against y over the masked positions:
-    how to rescale and shift a critic so that its estimates sit on the returns' scale."""
-    x, y = x[mask.bool()].double(), y[mask.bool()].double()
-    x_var = x.var(unbiased=False)
-    a = ((x - x.mean()) * (y - y.mean())).mean() / x_var if x_var > 1e-12 else torch.zeros(())
-    return float(a), float(y.mean() - a * x.mean())
+    """(a, b) minimising the squared error of a * x + b against y over the masked positions of
+    the whole rollout (every process fits the same): how to rescale and shift a critic so that
+    its estimates sit on the returns' scale."""
+    x, y = x.double(), y.double()
+    (x_mean, x_var), (y_mean, _) = masked_moments(x, mask), masked_moments(y, mask)
+    m = mask.to(x.dtype)
+    count = summed_over_processes(m.sum()).clamp(min=1)
+    covariance = summed_over_processes(((x - x_mean) * (y - y_mean) * m).sum()) / count
+    a = covariance / x_var if x_var > 1e-12 else torch.zeros(())
+    return float(a), float(y_mean - a * x_mean)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

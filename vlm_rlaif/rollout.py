@@ -39,8 +39,8 @@ class Rollout:
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
-    scores: torch.Tensor
-    score: torch.Tensor
+    scores: torch.Tensor  # the reward model's
+    penalised: torch.Tensor  # the scores with the length and missing-EOS penalties
     kl: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
