@@ -114,3 +114,12 @@ def test_accuracy_at_chance_is_a_coin_inside_the_wilson_interval():
     assert not verdict.at_chance(60, 100) and not verdict.at_chance(40, 100)  # Wilson: [0.502, 0.691]
     assert verdict.at_chance(7, 10) and not verdict.at_chance(70, 100)  # the same rate, ten times the pairs
     assert verdict.at_chance(0, 0) is None
+
+
+def test_accuracy_against_truth_leaves_out_rows_with_none_and_flags_a_coin():
+    picks = {i: 1 for i in range(12)}
+    truth = {i: 1 if i < 9 else 2 for i in range(10)} | {10: None}  # row 11 has no truth at all
+    measured = verdict.accuracy_against(picks, truth, rows=range(12))
+    assert measured == {"accuracy": 0.9, "pairs": 10, "at_chance": False}
+    assert verdict.accuracy_against(picks, truth, rows=[8, 9])["at_chance"] is True  # 1 of 2
+    assert verdict.accuracy_against(picks, truth, rows=[10, 11]) == {"accuracy": None, "pairs": 0, "at_chance": None}

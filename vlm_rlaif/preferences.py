@@ -32,12 +32,14 @@ from vlm_rlaif.judge import Verdict, judge_pairs, select
 from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.synthetic.language import clip_ranges
 from vlm_rlaif.synthetic.oracle import score_description
-from vlm_rlaif.verdict import at_chance
+from vlm_rlaif.verdict import accuracy_against
 from vlm_rlaif.video import load_clips, load_video
 
 OUT = Path("artifacts/preferences")
 SHARDS = Path("artifacts/checkpoints/preferences")
 JUDGES = ("context", "no_context")
+# How the judge's verdict is read (preferences.judge_reading; judge.py says why there are two)
+READINGS = {"label": judge_pairs, "likelihood": judge.likelihood_pairs}
 DROP_REASONS = ("identical", "inconsistent", "low_margin")
 
 
@@ -143,7 +145,7 @@ def prefer_shard(
         )]
     judged = [i for i, pair in enumerate(pairs.responses) if pair is not None]
     verdicts: dict[str, list[Verdict]] = {}
-    reading = judge_pairs if cfg.judge_reading == "label" else judge.likelihood_pairs
+    reading = READINGS[cfg.judge_reading]
     for name in JUDGES if cfg.use_context else ("no_context",):
         verdicts[name] = reading(
             model, processor, [videos[video_of[i]] for i in judged], [shard[i].question() for i in judged],
@@ -283,15 +285,13 @@ def feedback_quality(judged: Sequence[Mapping], scenes: Mapping[str, Mapping] | 
     precision and F1 of each clip caption against its clip, next to the SFT model's
     description of the whole video against the whole video. Without `scenes` (data with no
     oracle) only what needs none is reported."""
-    truth = [oracle_verdict(r, scenes) for r in judged]
+    truth = {i: oracle_verdict(r, scenes) for i, r in enumerate(judged)}
     kinds = [r.get("type", "describe") for r in judged]
     n = len(judged)
 
     def agreement(rows: Sequence[int], winners: Mapping[int, int]) -> dict:
-        scored = [i for i in rows if truth[i] is not None]
-        right = sum(winners[i] == truth[i] for i in scored)
-        return {"agreement": right / len(scored) if scored else None, "pairs": len(scored),
-                "at_chance": at_chance(right, len(scored))}
+        measured = accuracy_against(winners, truth, rows)
+        return {"agreement": measured.pop("accuracy"), **measured}
 
     judges = {}
     for name in JUDGES:

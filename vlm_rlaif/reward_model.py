@@ -33,7 +33,7 @@ from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
 from vlm_rlaif.errors import InputError
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
-from vlm_rlaif.verdict import at_chance
+from vlm_rlaif.verdict import accuracy_against
 from vlm_rlaif.video import load_video
 
 OUT = Path("artifacts/reward_model")
@@ -375,15 +375,6 @@ def reward_pairs(
     return rewards.view(2, len(records)).T.numpy()
 
 
-def _accuracy(winners: Mapping[int, int], labels: Mapping[int, int | None], rows: Sequence[int]) -> dict:
-    """How often `winners` match `labels` on `rows` (rows without a label are left out), and
-    whether that could be chance (`verdict.at_chance`)."""
-    scored = [i for i in rows if labels.get(i) is not None]
-    right = sum(winners[i] == labels[i] for i in scored)
-    return {"accuracy": right / len(scored) if scored else None, "pairs": len(scored),
-            "at_chance": at_chance(right, len(scored))}
-
-
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     x, y = np.asarray(x, float), np.asarray(y, float)
     return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 else None
@@ -407,21 +398,21 @@ def reward_quality(judged: Sequence[Mapping], rewards: np.ndarray, split: Mappin
     ai = {i: r["preference"] for i, r in enumerate(judged)}
     quality = {
         "pairs": {"train": len(trained), "heldout": len(held), "unkept": len(unkept)},
-        "heldout": {"ai": _accuracy(winners, ai, held)},
-        "unkept": {"judge": _accuracy(winners, ai, unkept)},
+        "heldout": {"ai": accuracy_against(winners, ai, held)},
+        "unkept": {"judge": accuracy_against(winners, ai, unkept)},
         "rewards": {"mean": float(rewards.mean()), "std": float(rewards.std())},
     }
     if scenes is not None:
         truth = {i: oracle_verdict(r, scenes) for i, r in enumerate(judged)}
         unseen = held + unkept
         scores = np.array([oracle_scores(judged[i], scenes) for i in unseen]).reshape(-1, 2)
-        quality["heldout"]["oracle"] = _accuracy(winners, truth, held)
-        quality["unkept"]["oracle"] = _accuracy(winners, truth, unkept)
+        quality["heldout"]["oracle"] = accuracy_against(winners, truth, held)
+        quality["unkept"]["oracle"] = accuracy_against(winners, truth, unkept)
         kinds = sorted({judged[i].get("type", "describe") for i in unseen})
         quality["oracle"] = {
-            "reward_model": _accuracy(winners, truth, unseen),
-            "judge": _accuracy(ai, truth, unseen),
-            "by_kind": {k: _accuracy(winners, truth, [i for i in unseen if judged[i].get("type", "describe") == k]) for k in kinds},
+            "reward_model": accuracy_against(winners, truth, unseen),
+            "judge": accuracy_against(ai, truth, unseen),
+            "by_kind": {k: accuracy_against(winners, truth, [i for i in unseen if judged[i].get("type", "describe") == k]) for k in kinds},
             "reward_correlation": _pearson(rewards[unseen].ravel(), scores.ravel()),
             "margin_correlation": _pearson(rewards[unseen, 0] - rewards[unseen, 1], scores[:, 0] - scores[:, 1]),
         }

@@ -140,3 +140,12 @@ def at_chance(right: int, count: int, level: float = 0.95) -> bool | None:
     centre = (p + spread / 2) / (1 + spread)
     half = z * np.sqrt(p * (1 - p) / count + spread / (4 * count)) / (1 + spread)
     return bool(centre - half <= 0.5 <= centre + half)
+
+
+def accuracy_against(picks: Mapping[int, int], truth: Mapping[int, int | None], rows: Sequence[int]) -> dict:
+    """How often two-way `picks` match `truth` on `rows` (rows with no truth are left out),
+    how many counted, and whether a coin could have done as well (`at_chance`)."""
+    scored = [i for i in rows if truth.get(i) is not None]
+    right = sum(picks[i] == truth[i] for i in scored)
+    return {"accuracy": right / len(scored) if scored else None, "pairs": len(scored),
+            "at_chance": at_chance(right, len(scored))}
