@@ -19,7 +19,7 @@ from vlm_rlaif.config import Params
 from vlm_rlaif.io import atomic_dir
 from vlm_rlaif.modeling import load_model_and_processor
 from vlm_rlaif.synthetic.scene import Scene
-from vlm_rlaif.video import load_video
+from vlm_rlaif.video import load_video, sample_indices
 
 OUT = Path("artifacts/base")
 PRETRAINING = "pretraining.json"  # the tiny base's pretraining report, saved beside its weights
@@ -62,8 +62,16 @@ def pixel_statistics(prepared: Path, video_root: str | Path, num_frames: int, ma
     return pixels.mean(0).round(4).tolist(), pixels.std(0).round(4).tolist()
 
 
-def pretraining_set(prepared: Path, video_root: str | Path, grid: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Every frame of the training videos, with its cell targets from the world's scenes."""
+def pretraining_set(
+    prepared: Path,
+    video_root: str | Path,
+    grid: int,
+    *,
+    num_frames: int | None = None,
+    motion: bool = False,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The training videos' frames (every frame, or `num_frames` sampled as SFT samples them),
+    with their cell targets from the world's scenes (with `motion`, how each object moves)."""
     path = prepared / "scenes.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -76,8 +84,9 @@ def pretraining_set(prepared: Path, video_root: str | Path, grid: int) -> tuple[
         if video_id not in scenes:
             raise KeyError(f"{path}: no scene for training video {video_id!r}")
         scene = Scene.from_dict(scenes[video_id], where=f"{path}: scene")
-        videos.append(load_video(media, scene.num_frames))
-        targets.append(pretrain.cell_targets(scene, grid))
+        keep = sample_indices(scene.num_frames, num_frames or scene.num_frames)
+        videos.append(load_video(media, len(keep)))
+        targets.append(pretrain.cell_targets(scene, grid, motion)[keep])
     return videos, targets
 
 
@@ -89,7 +98,11 @@ def build_tiny(params: Params, prepared: Path) -> tuple[object, object, dict]:
     if cfg.pretrain.steps == 0:
         return model, processor, {}
     grid = cfg.image_size // cfg.patch_size // model.config.spatial_pool_stride
-    videos, targets = pretraining_set(prepared, params.data.video_root, grid)
+    # a tower that reads frame pairs learns from pairs as far apart as the frames SFT samples
+    sampled = params.data.num_frames if cfg.frame_pairs else None
+    videos, targets = pretraining_set(
+        prepared, params.data.video_root, grid, num_frames=sampled, motion=cfg.frame_pairs
+    )
     result = pretrain.pretrain_vision(model, processor, videos, targets, cfg.pretrain, params.seed)
     centring = pretrain.centre_projector(model, processor, videos[:64])
     return model, processor, {"losses": result.losses, "probe": result.probe, "projector": centring}

@@ -189,6 +189,7 @@ class TinyModelConfig:
     intermediate_size: int = field(default=256, metadata=positive())
     vocab_size: int = field(default=1024, metadata=_check(300, None))
     max_position_embeddings: int = field(default=1024, metadata=positive())
+    frame_pairs: bool = False  # the tower reads each frame beside the next (vlm_rlaif.frame_pairs)
     pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
 
     def validate(self, key: str) -> None:

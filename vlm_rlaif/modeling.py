@@ -26,7 +26,7 @@ from transformers import (
     ProcessorMixin,
 )
 
-from vlm_rlaif import video_chatgpt
+from vlm_rlaif import frame_pairs, video_chatgpt
 from vlm_rlaif.config import LoraConfig
 from vlm_rlaif.errors import InputError
 
@@ -35,6 +35,7 @@ RELEASE_PLACEHOLDER = "<image>"  # the VLM-RLAIF / LLaVA release marks the visua
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 video_chatgpt.register()  # converted releases load by path like any other base
+frame_pairs.register()
 
 
 class ModelLoadError(InputError):

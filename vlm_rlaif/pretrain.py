@@ -26,28 +26,31 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlm_rlaif.config import VisionPretrainConfig
-from vlm_rlaif.synthetic.scene import COLOURS, SHAPES, Scene
+from vlm_rlaif.frame_pairs import tower_frames
+from vlm_rlaif.synthetic.scene import COLOURS, MOTIONS, SHAPES, Scene
 
 ATTRIBUTES = [*COLOURS, *SHAPES]
 
 
-def cell_targets(scene: Scene, grid: int) -> np.ndarray:
-    """Multi-hot [frames, grid, grid, colours + shapes]: each visible object's colour (at that
-    frame) and shape, in the cell holding its centre."""
+def cell_targets(scene: Scene, grid: int, motion: bool = False) -> np.ndarray:
+    """Multi-hot [frames, grid, grid, colours + shapes (+ motions)]: each visible object's
+    colour (at that frame), shape and, with `motion`, the way it moves, in the cell holding
+    its centre."""
     cell = scene.frame_size / grid
-    out = np.zeros((scene.num_frames, grid, grid, len(ATTRIBUTES)), np.float32)
+    kinds = len(ATTRIBUTES) + motion * len(MOTIONS)
+    out = np.zeros((scene.num_frames, grid, grid, kinds), np.float32)
     for obj in scene.objects:
-        shape = len(COLOURS) + SHAPES.index(obj.shape)
+        marks = [len(COLOURS) + SHAPES.index(obj.shape)]
+        marks += [len(ATTRIBUTES) + MOTIONS.index(obj.motion)] if motion else []
         for t in range(*scene.span(obj)):
             x, y = obj.track[t]
             row, col = min(int(y // cell), grid - 1), min(int(x // cell), grid - 1)
-            out[t, row, col, list(COLOURS).index(scene.colour_at(obj, t))] = 1
-            out[t, row, col, shape] = 1
+            out[t, row, col, [list(COLOURS).index(scene.colour_at(obj, t)), *marks]] = 1
     return out
 
 
 def pooled_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Vision tower features of single frames [B, 3, H, W] on the language model's token
+    """Vision tower features of single frames [B, C, H, W] on the language model's token
     grid [B, grid, grid, hidden]: the configured layer, CLS dropped, through the model's own
     pooler (the projector is left out)."""
     hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
@@ -78,10 +81,11 @@ def _visual_tokens(model, pixels: torch.Tensor, batch: int = 16) -> torch.Tensor
 def pretrain_vision(
     model, processor, videos: Sequence[np.ndarray], targets: Sequence[np.ndarray], cfg: VisionPretrainConfig, seed: int
 ) -> PretrainResult:
-    """Train the vision tower (with a linear probe) to find each object's colour and shape;
-    the last `cfg.heldout` videos are kept out of training and measure the probe."""
+    """Train the vision tower (with a linear probe) to find each object's colour and shape
+    (and motion, where `targets` mark it); the last `cfg.heldout` videos are kept out of
+    training and measure the probe."""
     held = max(1, round(len(videos) * cfg.heldout))
-    x = _pixels(processor, videos).flatten(0, 1)  # single frames
+    x = tower_frames(model, _pixels(processor, videos)).flatten(0, 1)  # the tower's input per frame
     y = torch.from_numpy(np.concatenate(targets))
     split = sum(len(v) for v in videos[:-held])
     x_train, y_train, x_held, y_held = x[:split], y[:split], x[split:], y[split:]
@@ -90,7 +94,7 @@ def pretrain_vision(
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(ATTRIBUTES))
+        probe = torch.nn.Linear(model.config.vision_config.hidden_size, y.shape[-1])
     params = [*tower.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.learning_rate, total_steps=cfg.steps, pct_start=0.05)
@@ -114,17 +118,16 @@ def pretrain_vision(
 
 @torch.no_grad()
 def probe_accuracy(model, probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Colour and shape read off each cell that holds exactly one object."""
+    """Colour, shape (and motion) read off each cell that holds exactly one object."""
     logits = torch.cat([probe(pooled_features(model, x[i : i + 256])) for i in range(0, len(x), 256)])
-    n = len(COLOURS)
+    n, m = len(COLOURS), len(ATTRIBUTES)
     single = y[..., :n].sum(-1) == 1
-    colour = logits[..., :n].argmax(-1) == y[..., :n].argmax(-1)
-    shape = logits[..., n:].argmax(-1) == y[..., n:].argmax(-1)
-    return {
-        "colour": round(colour[single].float().mean().item(), 4),
-        "shape": round(shape[single].float().mean().item(), 4),
-        "cells": int(single.sum()),
-    }
+    read = {"colour": slice(0, n), "shape": slice(n, m)}
+    if y.shape[-1] > m:
+        read["motion"] = slice(m, None)
+    right = {k: logits[..., s].argmax(-1) == y[..., s].argmax(-1) for k, s in read.items()}
+    accuracy = {k: round(r[single].float().mean().item(), 4) for k, r in right.items()}
+    return accuracy | {"cells": int(single.sum())}
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from vlm_rlaif.config import TinyModelConfig
+from vlm_rlaif.frame_pairs import FramePairsConfig, FramePairsForConditionalGeneration
 from vlm_rlaif.io import atomic_dir
 
 PixelStats = tuple[Sequence[float], Sequence[float]]
@@ -157,6 +158,7 @@ def build_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         projection_dim=cfg.vision_hidden_size,
+        num_channels=6 if cfg.frame_pairs else 3,  # each frame beside the next
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -172,7 +174,7 @@ def build_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         tie_word_embeddings=False,
     )
     patches = (cfg.image_size // cfg.patch_size) ** 2
-    return LlavaNextVideoConfig(
+    return (FramePairsConfig if cfg.frame_pairs else LlavaNextVideoConfig)(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -196,7 +198,10 @@ def build_tiny(
     config = build_config(cfg, processor.tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaNextVideoForConditionalGeneration(config)
+        if cfg.frame_pairs:
+            model = FramePairsForConditionalGeneration(config)
+        else:
+            model = LlavaNextVideoForConditionalGeneration(config)
     return model, processor
 
 
