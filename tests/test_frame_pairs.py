@@ -7,7 +7,7 @@ import torch
 from vlm_rlaif import frame_pairs, pretrain, tiny
 from vlm_rlaif.config import TinyModelConfig, VisionPretrainConfig
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
-from vlm_rlaif.synthetic.scene import COLOURS, MOTIONS, SHAPES, Scene, SceneObject
+from vlm_rlaif.synthetic.scene import Event, Scene, SceneObject
 
 ANSWERS = {"right": "Left to right.", "left": "Right to left."}
 QUESTION = "Which way does the square move?"
@@ -53,7 +53,7 @@ def _world(n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[
     scenes = [_scene(m, rng) for m in motions]
     return (
         [_video(s) for s in scenes],
-        [pretrain.cell_targets(s, grid=2, motion=True) for s in scenes],
+        [pretrain.cell_targets(s, grid=2, pairs=True) for s in scenes],
         motions,
     )
 
@@ -79,15 +79,31 @@ def test_each_frame_is_read_beside_the_next():
     ]  # a still image
 
 
+def _marks(targets: np.ndarray, frame: int) -> set[tuple[str, ...]]:
+    names = [*pretrain.ATTRIBUTES, *pretrain.CHANGES]
+    cells = targets[frame].reshape(-1, len(names))
+    return {tuple(names[k] for k in np.flatnonzero(c)) for c in cells if c.any()}
+
+
 def test_cell_targets_mark_how_each_object_moves_beside_its_colour_and_shape():
+    targets = pretrain.cell_targets(_scene("right", np.random.default_rng(0)), grid=2, pairs=True)
+    assert targets.shape == (FRAMES, 2, 2, len(pretrain.ATTRIBUTES) + len(pretrain.CHANGES))
+    assert {m for t in range(FRAMES) for m in _marks(targets, t)} == {("red", "square", "right")}
+
+
+def test_cell_targets_mark_what_happens_between_each_sampled_frame_and_the_next():
     scene = _scene("right", np.random.default_rng(0))
-    targets = pretrain.cell_targets(scene, grid=2, motion=True)
-    assert targets.shape == (FRAMES, 2, 2, len(COLOURS) + len(SHAPES) + len(MOTIONS))
-    marked = {
-        tuple(np.flatnonzero(cell)) for cell in targets.reshape(-1, targets.shape[-1]) if cell.any()
-    }
-    right = len(COLOURS) + len(SHAPES) + MOTIONS.index("right")
-    assert marked == {(list(COLOURS).index("red"), len(COLOURS) + SHAPES.index("square"), right)}
+    scene.events = [Event("changes_colour", "square", 2, "blue", [45, 85, 225])]
+    targets = pretrain.cell_targets(scene, grid=2, frames=[0, 2, 3], pairs=True)
+    changed = ("red", "blue", "square", "right", "changes_colour")
+    assert _marks(targets, 0) in ({changed}, {changed[:1] + changed[2:], changed[1:]})
+    assert _marks(targets, 1) == _marks(targets, 2) == {("blue", "square", "right")}
+    scene.events = [Event("enters", "square", 1), Event("leaves", "square", 3)]
+    targets = pretrain.cell_targets(scene, grid=2, frames=[0, 2, 3], pairs=True)
+    assert _marks(targets, 0) == {("red", "square", "right", "enters")}  # seen in the pair's second
+    assert _marks(targets, 1) == {("red", "square", "right", "leaves")}
+    assert _marks(targets, 2) == _marks(targets, 1)  # the last frame is read beside the one before
+    assert pretrain.cell_targets(scene, grid=2, frames=[2], pairs=True).sum() == 3  # no next frame
 
 
 def test_only_a_tower_that_reads_frame_pairs_learns_motion():

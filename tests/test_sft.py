@@ -1,5 +1,6 @@
 """Curriculum SFT: ordering, the loss mask, resume after a kill, LoRA, two processes."""
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -107,6 +108,32 @@ def test_collator_puts_the_loss_on_the_answer_only(built):
     assert batch["labels"].shape == batch["input_ids"].shape
     with pytest.raises(ValueError, match="max_length 10 cuts into the 16 visual tokens"):
         VideoConversationCollator(processor, built / "data/videos", num_frames=4, max_length=10)([record])
+
+
+def test_packed_turns_see_the_video_and_not_each_others_answers(built):
+    model, processor = load_model_and_processor(built / "artifacts/base")
+    easy = read_sft(built / "artifacts/prepare/sft_easy.json").records
+    first, second = [r for r in easy if r.video == easy[0].video][:2]  # two questions, one video
+    other = dataclasses.replace(
+        first, conversations=[first.conversations[0], Turn("gpt", "Something else entirely.")]
+    )
+
+    def answer_logits(records: list[SFTRecord], turn: int, independent: bool) -> torch.Tensor:
+        collate = VideoConversationCollator(
+            processor, built / "data/videos", 4, 512, independent_turns=independent
+        )
+        batch = collate(sft.pack_turns(records))
+        replies = (batch["labels"][0] != IGNORE_INDEX).nonzero().flatten()
+        runs = torch.tensor_split(replies, (replies.diff() > 1).nonzero().flatten() + 1)
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        return logits[runs[turn] - 1]
+
+    alone = answer_logits([first], turn=0, independent=False)
+    assert torch.allclose(answer_logits([first, second], 0, independent=True), alone, atol=1e-5)
+    for independent in (True, False):  # the second answer reads the first one unless independent
+        later = [answer_logits([f, second], 1, independent) for f in (first, other)]
+        assert torch.allclose(*later, atol=1e-5) == independent
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -68,10 +68,10 @@ def pretraining_set(
     grid: int,
     *,
     num_frames: int | None = None,
-    motion: bool = False,
+    pairs: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The training videos' frames (every frame, or `num_frames` sampled as SFT samples them),
-    with their cell targets from the world's scenes (with `motion`, how each object moves)."""
+    with their cell targets from the world's scenes (with `pairs`, what changes between frames)."""
     path = prepared / "scenes.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -86,7 +86,7 @@ def pretraining_set(
         scene = Scene.from_dict(scenes[video_id], where=f"{path}: scene")
         keep = sample_indices(scene.num_frames, num_frames or scene.num_frames)
         videos.append(load_video(media, len(keep)))
-        targets.append(pretrain.cell_targets(scene, grid, motion)[keep])
+        targets.append(pretrain.cell_targets(scene, grid, keep, pairs=pairs))
     return videos, targets
 
 
@@ -101,7 +101,7 @@ def build_tiny(params: Params, prepared: Path) -> tuple[object, object, dict]:
     # a tower that reads frame pairs learns from pairs as far apart as the frames SFT samples
     sampled = params.data.num_frames if cfg.frame_pairs else None
     videos, targets = pretraining_set(
-        prepared, params.data.video_root, grid, num_frames=sampled, motion=cfg.frame_pairs
+        prepared, params.data.video_root, grid, num_frames=sampled, pairs=cfg.frame_pairs
     )
     result = pretrain.pretrain_vision(model, processor, videos, targets, cfg.pretrain, params.seed)
     centring = pretrain.centre_projector(model, processor, videos[:64])

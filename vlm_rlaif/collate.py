@@ -20,13 +20,22 @@ IGNORE_INDEX = -100
 
 
 class VideoConversationCollator:
-    """Loads each record's frames and renders its conversation through the chat template."""
+    """Loads each record's frames and renders its conversation through the chat template;
+    with `independent_turns`, every turn sees the video and itself only (`turn_attention`)."""
 
-    def __init__(self, processor, video_root: str | Path, num_frames: int, max_length: int):
+    def __init__(
+        self,
+        processor,
+        video_root: str | Path,
+        num_frames: int,
+        max_length: int,
+        independent_turns: bool = False,
+    ):
         self.processor = processor
         self.video_root = Path(video_root)
         self.num_frames = num_frames
         self.max_length = max_length
+        self.independent_turns = independent_turns
         self.video_token_id = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
 
     def __call__(self, records: Sequence[Dialogue]) -> dict[str, torch.Tensor]:
@@ -36,7 +45,13 @@ class VideoConversationCollator:
         )
         mask = batch.pop("assistant_masks").bool()
         batch["labels"] = batch["input_ids"].masked_fill(~mask, IGNORE_INDEX)
-        return self._truncate(dict(batch))
+        batch = self._truncate(dict(batch))
+        if self.independent_turns:
+            replies = batch["labels"] != IGNORE_INDEX
+            batch["attention_mask"], batch["position_ids"] = turn_attention(
+                batch["input_ids"] == self.video_token_id, replies, batch["attention_mask"].bool()
+            )
+        return batch
 
     def _truncate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Cut text beyond max_length; the video tokens come first and must survive whole."""
@@ -50,3 +65,27 @@ class VideoConversationCollator:
                 f"max_length {self.max_length} cuts into the {int(visual.max())} visual tokens of a video; raise sft.max_length"
             )
         return batch
+
+
+def turn_attention(
+    visual: torch.Tensor, replies: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4D attention mask [B, 1, L, L] (True: may attend) and position ids [B, L] under which
+    each turn of a right-padded conversation sees the video and its own tokens, at the
+    positions it would have alone: a packed answer cannot be copied from the turns before it.
+
+    visual, replies, valid: [B, L] bool, the visual tokens, the reply tokens (a turn ends with
+    its reply) and the non-padding tokens."""
+    length = visual.shape[1]
+    index = torch.arange(length)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    masks, positions = [], []
+    for seen, reply, keep in zip(visual, replies, valid):
+        shared = int(index[seen].max()) + 1 if seen.any() else 0  # up to the last visual token
+        ends = torch.cat([torch.zeros(1, dtype=torch.long), (reply[:-1] & ~reply[1:]).long()])
+        turn = torch.where(index < shared, 0, 1 + ends.cumsum(0))
+        start = torch.searchsorted(turn, turn)  # where each token's turn begins
+        positions.append(torch.where(turn == 0, index, shared + index - start))
+        own = (turn[None, :] == 0) | (turn[None, :] == turn[:, None])
+        masks.append(own & causal & keep[None, :] | torch.eye(length, dtype=torch.bool))
+    return torch.stack(masks)[:, None], torch.stack(positions)

@@ -5,9 +5,10 @@ aligned; a tower initialised from a seed sees nothing, and SFT alone cannot teac
 a cross from a square in a few minutes of CPU time. So the `base` stage first trains the tiny
 tower on the world's own frames with the world's exact ground truth: every visible object
 marks its colour and its shape in the pooled cell (the grid of visual tokens the language
-model reads) that holds its centre. A linear probe on the pooled features learns both, and
-through it the tower learns to see. The probe is then dropped: what the language model gets
-is the tower, as with CLIP.
+model reads) that holds its centre; a tower that reads frame pairs also marks there how the
+object moves and whether it enters, leaves or changes colour before the next frame. A linear
+probe on the pooled features learns the marks, and through it the tower learns to see. The
+probe is then dropped: what the language model gets is the tower, as with CLIP.
 
 The projector stays as initialised except for its output layer, which is shifted and scaled
 so that visual tokens are zero-mean and as long as the text embeddings: a fresh language
@@ -27,25 +28,48 @@ from tqdm.auto import tqdm
 
 from vlm_rlaif.config import VisionPretrainConfig
 from vlm_rlaif.frame_pairs import tower_frames
-from vlm_rlaif.synthetic.scene import COLOURS, MOTIONS, SHAPES, Scene
+from vlm_rlaif.synthetic.scene import COLOURS, EVENT_KINDS, MOTIONS, SHAPES, Scene
 
 ATTRIBUTES = [*COLOURS, *SHAPES]
+# What a frame-pairs tower also marks: how each object moves, and what happens between the pair.
+CHANGES = [*MOTIONS, *EVENT_KINDS]
 
 
-def cell_targets(scene: Scene, grid: int, motion: bool = False) -> np.ndarray:
-    """Multi-hot [frames, grid, grid, colours + shapes (+ motions)]: each visible object's
-    colour (at that frame), shape and, with `motion`, the way it moves, in the cell holding
-    its centre."""
+def cell_targets(
+    scene: Scene, grid: int, frames: Sequence[int] | None = None, pairs: bool = False
+) -> np.ndarray:
+    """Multi-hot [frames, grid, grid, colours + shapes (+ motions + events)]: each visible
+    object's colour (at that frame) and shape in the cell holding its centre; with `pairs`, also
+    how it moves and whether it enters, leaves or changes colour before the next of `frames`."""
+    frames = list(range(scene.num_frames)) if frames is None else list(frames)
     cell = scene.frame_size / grid
-    kinds = len(ATTRIBUTES) + motion * len(MOTIONS)
-    out = np.zeros((scene.num_frames, grid, grid, kinds), np.float32)
-    for obj in scene.objects:
-        marks = [len(COLOURS) + SHAPES.index(obj.shape)]
-        marks += [len(ATTRIBUTES) + MOTIONS.index(obj.motion)] if motion else []
-        for t in range(*scene.span(obj)):
-            x, y = obj.track[t]
-            row, col = min(int(y // cell), grid - 1), min(int(x // cell), grid - 1)
-            out[t, row, col, [list(COLOURS).index(scene.colour_at(obj, t)), *marks]] = 1
+    out = np.zeros((len(frames), grid, grid, len(ATTRIBUTES) + pairs * len(CHANGES)), np.float32)
+
+    def mark(i: int, obj, t: int, event: str | None = None) -> None:
+        x, y = obj.track[t]
+        row, col = min(int(y // cell), grid - 1), min(int(x // cell), grid - 1)
+        marks = [ATTRIBUTES.index(scene.colour_at(obj, t)), ATTRIBUTES.index(obj.shape)]
+        marks += [len(ATTRIBUTES) + CHANGES.index(obj.motion)] if pairs else []
+        marks += [len(ATTRIBUTES) + CHANGES.index(event)] if event else []
+        out[i, row, col, marks] = 1
+
+    for i, t in enumerate(frames):
+        for obj in scene.objects:
+            if scene.visible(obj, t):
+                mark(i, obj, t)
+        if not pairs or len(frames) == 1:
+            continue
+        # the tower reads frame i beside the next one (the last beside the one before it)
+        a, b = (t, frames[i + 1]) if i + 1 < len(frames) else (frames[i - 1], t)
+        for obj in scene.objects:
+            before, after = scene.visible(obj, a), scene.visible(obj, b)
+            if after and not before:
+                mark(i, obj, b, "enters")
+            elif before and not after:
+                mark(i, obj, a, "leaves")
+            elif before and scene.colour_at(obj, a) != scene.colour_at(obj, b):
+                mark(i, obj, a, "changes_colour")
+                mark(i, obj, b, "changes_colour")  # both colours: which it was and which it is
     return out
 
 
@@ -118,15 +142,21 @@ def pretrain_vision(
 
 @torch.no_grad()
 def probe_accuracy(model, probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Colour, shape (and motion) read off each cell that holds exactly one object."""
+    """Colour, shape (and motion) read off each cell that holds exactly one object; with
+    event marks, the share of events the probe finds and of quiet cells it raises one in."""
     logits = torch.cat([probe(pooled_features(model, x[i : i + 256])) for i in range(0, len(x), 256)])
     n, m = len(COLOURS), len(ATTRIBUTES)
     single = y[..., :n].sum(-1) == 1
     read = {"colour": slice(0, n), "shape": slice(n, m)}
     if y.shape[-1] > m:
-        read["motion"] = slice(m, None)
+        read["motion"] = slice(m, m + len(MOTIONS))
     right = {k: logits[..., s].argmax(-1) == y[..., s].argmax(-1) for k, s in read.items()}
     accuracy = {k: round(r[single].float().mean().item(), 4) for k, r in right.items()}
+    if y.shape[-1] > m:
+        events = slice(m + len(MOTIONS), None)
+        happens, raised = y[..., events].bool(), logits[..., events] > 0
+        accuracy["events_found"] = round(raised[happens].float().mean().item(), 4)
+        accuracy["events_false"] = round(raised[~happens].float().mean().item(), 4)
     return accuracy | {"cells": int(single.sum())}
 
 

@@ -290,7 +290,13 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         model = modeling.add_lora(model, cfg.lora, [PROJECTORS[params.base.family]] if cfg.train_projector else None)
     else:
         set_trainable(model, cfg, params.base.family)
-    collator = VideoConversationCollator(processor, params.data.video_root, params.data.num_frames, cfg.max_length)
+    collator = VideoConversationCollator(
+        processor,
+        params.data.video_root,
+        params.data.num_frames,
+        cfg.max_length,
+        independent_turns=cfg.pack_turns,  # a packed question must not see the others' answers
+    )
     trainer = CheckpointTrainer(
         model=model, args=args, data_collator=collator, train_dataset=curriculum.records,
         schedule=stage_schedule(cfg.lr_scheduler, cfg.warmup_ratio, total_steps, boundary_step),
