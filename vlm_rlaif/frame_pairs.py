@@ -14,18 +14,10 @@ tiny base loads by path like any other.
 from __future__ import annotations
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    LlavaNextVideoConfig,
-    LlavaNextVideoForConditionalGeneration,
-    LlavaNextVideoProcessor,
-)
-from transformers.models.llava_next_video.modeling_llava_next_video import (
-    LlavaNextVideoModel,
-    LlavaNextVideoPreTrainedModel,
-)
+from transformers import LlavaNextVideoConfig
+from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoModel
+
+from vlm_rlaif.llava_variants import VariantForConditionalGeneration, register_variant
 
 MODEL_TYPE = "llava_next_video_pairs"
 
@@ -49,9 +41,13 @@ def pair_frames(frames: torch.Tensor) -> torch.Tensor:
 class FramePairsModel(LlavaNextVideoModel):
     config_class = FramePairsConfig
 
+    def tower_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B, T, C, H, W] frames as the tower reads them: each beside the next."""
+        return pair_frames(frames)
+
     def get_video_features(self, pixel_values_videos: torch.Tensor, *args, **kwargs):
         """LLaVA-NeXT-Video's video features, the tower reading each frame with the next."""
-        return super().get_video_features(pair_frames(pixel_values_videos), *args, **kwargs)
+        return super().get_video_features(self.tower_frames(pixel_values_videos), *args, **kwargs)
 
     def get_image_features(self, pixel_values: torch.Tensor, *args, **kwargs):
         """An image is a frame that does not move: it is read beside itself."""
@@ -60,29 +56,11 @@ class FramePairsModel(LlavaNextVideoModel):
         )
 
 
-class FramePairsForConditionalGeneration(LlavaNextVideoForConditionalGeneration):
+class FramePairsForConditionalGeneration(VariantForConditionalGeneration):
     config_class = FramePairsConfig
-
-    def __init__(self, config: FramePairsConfig):
-        LlavaNextVideoPreTrainedModel.__init__(
-            self, config
-        )  # the parent's __init__ would build a second inner model
-        self.model = FramePairsModel(config)
-        self.lm_head = torch.nn.Linear(
-            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
-        )
-        self.post_init()
-
-
-def tower_frames(model, frames: torch.Tensor) -> torch.Tensor:
-    """[B, T, C, H, W] frames as `model`'s vision tower reads them."""
-    return pair_frames(frames) if isinstance(model.model, FramePairsModel) else frames
+    inner_model_class = FramePairsModel
 
 
 def register() -> None:
     """Make `llava_next_video_pairs` folders load through the Auto classes (idempotent)."""
-    AutoConfig.register(MODEL_TYPE, FramePairsConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(
-        FramePairsConfig, FramePairsForConditionalGeneration, exist_ok=True
-    )
-    AutoProcessor.register(FramePairsConfig, LlavaNextVideoProcessor, exist_ok=True)
+    register_variant(FramePairsConfig, FramePairsForConditionalGeneration)

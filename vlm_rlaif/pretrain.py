@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlm_rlaif.config import VisionPretrainConfig
-from vlm_rlaif.frame_pairs import tower_frames
+from vlm_rlaif.llava_variants import tower_frames
 from vlm_rlaif.synthetic.scene import COLOURS, EVENT_KINDS, MOTIONS, SHAPES, Scene
 
 ATTRIBUTES = [*COLOURS, *SHAPES]

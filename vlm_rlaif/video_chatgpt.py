@@ -20,16 +20,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    LlavaNextVideoConfig,
-    LlavaNextVideoForConditionalGeneration,
-    LlavaNextVideoProcessor,
-)
+from transformers import LlavaNextVideoConfig, LlavaNextVideoProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoModel, LlavaNextVideoPreTrainedModel
+from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoModel
+
+from vlm_rlaif.llava_variants import VariantForConditionalGeneration, register_variant
 
 MODEL_TYPE = "video_chatgpt_llava"
 
@@ -70,14 +65,9 @@ class VideoChatGPTLlavaModel(LlavaNextVideoModel):
         return BaseModelOutputWithPooling(last_hidden_state=tower.last_hidden_state, pooler_output=pool_spatio_temporal(projected))
 
 
-class VideoChatGPTLlavaForConditionalGeneration(LlavaNextVideoForConditionalGeneration):
+class VideoChatGPTLlavaForConditionalGeneration(VariantForConditionalGeneration):
     config_class = VideoChatGPTLlavaConfig
-
-    def __init__(self, config: VideoChatGPTLlavaConfig):
-        LlavaNextVideoPreTrainedModel.__init__(self, config)  # the parent's __init__ would build a second, unused inner model
-        self.model = VideoChatGPTLlavaModel(config)
-        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    inner_model_class = VideoChatGPTLlavaModel
 
 
 def pad_to_square(frames: np.ndarray, colour: Sequence[int]) -> np.ndarray:
@@ -121,6 +111,8 @@ class VideoChatGPTLlavaProcessor(LlavaNextVideoProcessor):
 
 def register() -> None:
     """Make `video_chatgpt_llava` folders load through the Auto classes (idempotent)."""
-    AutoConfig.register(MODEL_TYPE, VideoChatGPTLlavaConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(VideoChatGPTLlavaConfig, VideoChatGPTLlavaForConditionalGeneration, exist_ok=True)
-    AutoProcessor.register(VideoChatGPTLlavaConfig, VideoChatGPTLlavaProcessor, exist_ok=True)
+    register_variant(
+        VideoChatGPTLlavaConfig,
+        VideoChatGPTLlavaForConditionalGeneration,
+        VideoChatGPTLlavaProcessor,
+    )
