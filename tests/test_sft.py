@@ -11,9 +11,14 @@ import yaml
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
-from vlm_rlaif import sft
-from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator
-from vlm_rlaif.config import ConfigError, LoraConfig, SFTConfig, load_params
+from vlm_rlaif import sft, tiny
+from vlm_rlaif.collate import (
+    IGNORE_INDEX,
+    VideoConversationCollator,
+    turn_attention,
+    visual_token_ids,
+)
+from vlm_rlaif.config import ConfigError, LoraConfig, SFTConfig, TinyModelConfig, load_params
 from vlm_rlaif.data import SFTRecord, Turn, read_sft
 from vlm_rlaif.modeling import add_lora, load_model_and_processor
 
@@ -134,6 +139,21 @@ def test_packed_turns_see_the_video_and_not_each_others_answers(built):
     for independent in (True, False):  # the second answer reads the first one unless independent
         later = [answer_logits([f, second], 1, independent) for f in (first, other)]
         assert torch.allclose(*later, atol=1e-5) == independent
+
+
+@pytest.mark.parametrize("placeholder", ["video_token", "image_token"])
+def test_packed_turns_see_an_image_as_they_see_a_video(placeholder):
+    processor = tiny.build_processor(TinyModelConfig(vocab_size=300), ["What colour?", "Red."])
+    visual = processor.tokenizer.convert_tokens_to_ids(getattr(processor, placeholder))
+    text = processor.tokenizer.bos_token_id
+    # BOS, two visual tokens, question 1, answer 1, question 2, answer 2, padding
+    ids = torch.tensor([[text, visual, visual, text, text, text, text, text]])
+    replies = torch.tensor([[0, 0, 0, 0, 1, 0, 1, 0]]).bool()
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]]).bool()
+    mask, positions = turn_attention(torch.isin(ids, visual_token_ids(processor)), replies, valid)
+    second_answer = mask[0, 0, 6]
+    assert second_answer[:3].all() and not second_answer[3:5].any()
+    assert positions[0, 5:7].tolist() == positions[0, 3:5].tolist() == [3, 4]
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -21,7 +21,8 @@ IGNORE_INDEX = -100
 
 class VideoConversationCollator:
     """Loads each record's frames and renders its conversation through the chat template;
-    with `independent_turns`, every turn sees the video and itself only (`turn_attention`)."""
+    with `independent_turns`, every turn sees the visual input and itself only
+    (`turn_attention`)."""
 
     def __init__(
         self,
@@ -36,7 +37,7 @@ class VideoConversationCollator:
         self.num_frames = num_frames
         self.max_length = max_length
         self.independent_turns = independent_turns
-        self.video_token_id = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+        self.visual_ids = visual_token_ids(processor)
 
     def __call__(self, records: Sequence[Dialogue]) -> dict[str, torch.Tensor]:
         videos = [load_video(r.media(self.video_root), self.num_frames) for r in records]
@@ -49,29 +50,38 @@ class VideoConversationCollator:
         if self.independent_turns:
             replies = batch["labels"] != IGNORE_INDEX
             batch["attention_mask"], batch["position_ids"] = turn_attention(
-                batch["input_ids"] == self.video_token_id, replies, batch["attention_mask"].bool()
+                torch.isin(batch["input_ids"], self.visual_ids),
+                replies,
+                batch["attention_mask"].bool(),
             )
         return batch
 
     def _truncate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Cut text beyond max_length; the video tokens come first and must survive whole."""
+        """Cut text beyond max_length; the visual tokens come first and must survive whole."""
         if batch["input_ids"].shape[1] <= self.max_length:
             return batch
-        visual = (batch["input_ids"] == self.video_token_id).sum(1)
+        visual = torch.isin(batch["input_ids"], self.visual_ids).sum(1)
         for key in ("input_ids", "attention_mask", "labels"):
             batch[key] = batch[key][:, : self.max_length]
-        if not torch.equal((batch["input_ids"] == self.video_token_id).sum(1), visual):
+        if not torch.equal(torch.isin(batch["input_ids"], self.visual_ids).sum(1), visual):
             raise ValueError(
                 f"max_length {self.max_length} cuts into the {int(visual.max())} visual tokens of a video; raise sft.max_length"
             )
         return batch
 
 
+def visual_token_ids(processor) -> torch.Tensor:
+    """The ids of the processor's visual placeholders, video and image: a record's frames may
+    come as either, and every turn must see them."""
+    names = [getattr(processor, name, None) for name in ("video_token", "image_token")]
+    return torch.tensor(sorted({processor.tokenizer.convert_tokens_to_ids(n) for n in names if n}))
+
+
 def turn_attention(
     visual: torch.Tensor, replies: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A 4D attention mask [B, 1, L, L] (True: may attend) and position ids [B, L] under which
-    each turn of a right-padded conversation sees the video and its own tokens, at the
+    each turn of a right-padded conversation sees the visual input and its own tokens, at the
     positions it would have alone: a packed answer cannot be copied from the turns before it.
 
     visual, replies, valid: [B, L] bool, the visual tokens, the reply tokens (a turn ends with
