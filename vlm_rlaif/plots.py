@@ -63,7 +63,10 @@ def accuracy_by_type(ax, results: dict[str, dict]) -> None:
     ax.set_xticks(x, kinds, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("oracle accuracy")
-    ax.legend(fontsize=8)
+    # above the axes: bars may reach 1.0 anywhere, so no spot inside is sure to stay clear
+    ax.legend(
+        fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(results), frameon=False
+    )
 
 
 def feedback_quality(ax_judge, ax_captions, quality: dict) -> None:
