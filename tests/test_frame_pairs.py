@@ -80,14 +80,15 @@ def test_each_frame_is_read_beside_the_next():
 
 
 def _marks(targets: np.ndarray, frame: int) -> set[tuple[str, ...]]:
-    names = [*pretrain.ATTRIBUTES, *pretrain.CHANGES]
+    names = [*pretrain.ATTRIBUTES, *pretrain.CHANGES, *pretrain.IN_FRAME]
     cells = targets[frame].reshape(-1, len(names))
     return {tuple(names[k] for k in np.flatnonzero(c)) for c in cells if c.any()}
 
 
 def test_cell_targets_mark_how_each_object_moves_beside_its_colour_and_shape():
     targets = pretrain.cell_targets(_scene("right", np.random.default_rng(0)), grid=2, pairs=True)
-    assert targets.shape == (FRAMES, 2, 2, len(pretrain.ATTRIBUTES) + len(pretrain.CHANGES))
+    width = len(pretrain.ATTRIBUTES) + len(pretrain.CHANGES) + len(pretrain.IN_FRAME)
+    assert targets.shape == (FRAMES, 2, 2, width)
     assert {m for t in range(FRAMES) for m in _marks(targets, t)} == {("red", "square", "right")}
 
 
@@ -95,13 +96,17 @@ def test_cell_targets_mark_what_happens_between_each_sampled_frame_and_the_next(
     scene = _scene("right", np.random.default_rng(0))
     scene.events = [Event("changes_colour", "square", 2, "blue", [45, 85, 225])]
     targets = pretrain.cell_targets(scene, grid=2, frames=[0, 2, 3], pairs=True)
-    changed = ("red", "blue", "square", "right", "changes_colour")
-    assert _marks(targets, 0) in ({changed}, {changed[:1] + changed[2:], changed[1:]})
+    changed = ("red", "blue", "square", "right", "changes_colour", "changes_colour in frame")
+    quiet = ("changes_colour in frame",)  # every other cell knows it happened in the frame
+    split = {changed[:1] + changed[2:], changed[1:]}
+    assert _marks(targets, 0) in ({changed, quiet}, split | {quiet})
     assert _marks(targets, 1) == _marks(targets, 2) == {("blue", "square", "right")}
     scene.events = [Event("enters", "square", 1), Event("leaves", "square", 3)]
     targets = pretrain.cell_targets(scene, grid=2, frames=[0, 2, 3], pairs=True)
-    assert _marks(targets, 0) == {("red", "square", "right", "enters")}  # seen in the pair's second
-    assert _marks(targets, 1) == {("red", "square", "right", "leaves")}
+    entered = ("red", "square", "right", "enters", "enters in frame")  # seen in the pair's second
+    assert _marks(targets, 0) == {entered, ("enters in frame",)}
+    left = ("red", "square", "right", "leaves", "leaves in frame")
+    assert _marks(targets, 1) == {left, ("leaves in frame",)}
     assert _marks(targets, 2) == _marks(targets, 1)  # the last frame is read beside the one before
     assert pretrain.cell_targets(scene, grid=2, frames=[2], pairs=True).sum() == 3  # no next frame
 

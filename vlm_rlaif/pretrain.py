@@ -6,9 +6,10 @@ a cross from a square in a few minutes of CPU time. So the `base` stage first tr
 tower on the world's own frames with the world's exact ground truth: every visible object
 marks its colour and its shape in the pooled cell (the grid of visual tokens the language
 model reads) that holds its centre; a tower that reads frame pairs also marks there how the
-object moves and whether it enters, leaves or changes colour before the next frame. A linear
-probe on the pooled features learns the marks, and through it the tower learns to see. The
-probe is then dropped: what the language model gets is the tower, as with CLIP.
+object moves and whether it enters, leaves or changes colour before the next frame, and every
+cell of the frame marks that it happened. A linear probe on the pooled features learns the
+marks, and through it the tower learns to see. The probe is then dropped: what the language
+model gets is the tower, as with CLIP.
 
 The projector stays as initialised except for its output layer, which is shifted and scaled
 so that visual tokens are zero-mean and as long as the text embeddings: a fresh language
@@ -33,17 +34,22 @@ from vlm_rlaif.synthetic.scene import COLOURS, EVENT_KINDS, MOTIONS, SHAPES, Sce
 ATTRIBUTES = [*COLOURS, *SHAPES]
 # What a frame-pairs tower also marks: how each object moves, and what happens between the pair.
 CHANGES = [*MOTIONS, *EVENT_KINDS]
+# ... and, in every cell of the pair, that it happened somewhere in the frame: a question about
+# the whole video ("does anything enter?") then finds it in any of the frame's visual tokens.
+IN_FRAME = [f"{kind} in frame" for kind in EVENT_KINDS]
 
 
 def cell_targets(
     scene: Scene, grid: int, frames: Sequence[int] | None = None, pairs: bool = False
 ) -> np.ndarray:
-    """Multi-hot [frames, grid, grid, colours + shapes (+ motions + events)]: each visible
-    object's colour (at that frame) and shape in the cell holding its centre; with `pairs`, also
-    how it moves and whether it enters, leaves or changes colour before the next of `frames`."""
+    """Multi-hot [frames, grid, grid, colours + shapes (+ motions + events + events in frame)]:
+    each visible object's colour (at that frame) and shape in the cell holding its centre; with
+    `pairs`, also how it moves and whether it enters, leaves or changes colour before the next
+    of `frames`, and in every cell of the frame which of those happens there."""
     frames = list(range(scene.num_frames)) if frames is None else list(frames)
     cell = scene.frame_size / grid
-    out = np.zeros((len(frames), grid, grid, len(ATTRIBUTES) + pairs * len(CHANGES)), np.float32)
+    width = len(ATTRIBUTES) + pairs * (len(CHANGES) + len(IN_FRAME))
+    out = np.zeros((len(frames), grid, grid, width), np.float32)
 
     def mark(i: int, obj, t: int, event: str | None = None) -> None:
         x, y = obj.track[t]
@@ -52,6 +58,8 @@ def cell_targets(
         marks += [len(ATTRIBUTES) + CHANGES.index(obj.motion)] if pairs else []
         marks += [len(ATTRIBUTES) + CHANGES.index(event)] if event else []
         out[i, row, col, marks] = 1
+        if event:
+            out[i, :, :, len(ATTRIBUTES) + len(CHANGES) + EVENT_KINDS.index(event)] = 1
 
     for i, t in enumerate(frames):
         for obj in scene.objects:
@@ -123,7 +131,9 @@ def pretrain_vision(
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.learning_rate, total_steps=cfg.steps, pct_start=0.05)
     # An object fills one cell of 16 and marks 2 of 12 attributes there: positives are rare.
-    pos_weight = torch.tensor(4.0)
+    # Marks of what happens in the frame fill all of its cells: weighed up, they crowd out shape.
+    pos_weight = torch.full((y.shape[-1],), 4.0)
+    pos_weight[len(ATTRIBUTES) + len(CHANGES) :] = 0.5
     result = PretrainResult()
     tower.train()
     for _ in tqdm(range(cfg.steps), desc="vision pretraining", leave=False):
@@ -143,7 +153,8 @@ def pretrain_vision(
 @torch.no_grad()
 def probe_accuracy(model, probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Colour, shape (and motion) read off each cell that holds exactly one object; with
-    event marks, the share of events the probe finds and of quiet cells it raises one in."""
+    event marks, the share of events the probe finds (in their cell; anywhere in the frame) and
+    of quiet cells it raises one in."""
     logits = torch.cat([probe(pooled_features(model, x[i : i + 256])) for i in range(0, len(x), 256)])
     n, m = len(COLOURS), len(ATTRIBUTES)
     single = y[..., :n].sum(-1) == 1
@@ -153,10 +164,11 @@ def probe_accuracy(model, probe: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     right = {k: logits[..., s].argmax(-1) == y[..., s].argmax(-1) for k, s in read.items()}
     accuracy = {k: round(r[single].float().mean().item(), 4) for k, r in right.items()}
     if y.shape[-1] > m:
-        events = slice(m + len(MOTIONS), None)
-        happens, raised = y[..., events].bool(), logits[..., events] > 0
-        accuracy["events_found"] = round(raised[happens].float().mean().item(), 4)
-        accuracy["events_false"] = round(raised[~happens].float().mean().item(), 4)
+        events, in_frame = slice(m + len(MOTIONS), m + len(CHANGES)), slice(m + len(CHANGES), None)
+        for name, marks in {"events": events, "in_frame": in_frame}.items():
+            happens, raised = y[..., marks].bool(), logits[..., marks] > 0
+            accuracy[f"{name}_found"] = round(raised[happens].float().mean().item(), 4)
+            accuracy[f"{name}_false"] = round(raised[~happens].float().mean().item(), 4)
     return accuracy | {"cells": int(single.sum())}
 
 
