@@ -118,6 +118,22 @@ def test_only_a_tower_that_reads_frame_pairs_learns_motion():
     assert single.probe["motion"] <= 0.75  # a frame alone says nothing of where the square goes
 
 
+def test_a_frame_pairs_tower_says_in_every_cell_that_something_entered():
+    # One token of 128 marking an event is what the language model failed to find.
+    rng = np.random.default_rng(5)
+    scenes = [_scene(str(m), rng) for m in rng.choice(list(ANSWERS), 60)]
+    for scene in scenes[::2]:
+        scene.events = [Event("enters", "square", 2)]
+    videos = [_video(s) for s in scenes]
+    for video, scene in zip(videos, scenes):
+        video[: scene.span(scene.objects[0])[0]] = 30  # not there before it enters
+    targets = [pretrain.cell_targets(s, grid=2, pairs=True) for s in scenes]
+    model, processor = _tiny(pairs=True)
+    cfg = VisionPretrainConfig(steps=200, batch_size=32, learning_rate=3e-3, heldout=0.25)
+    probe = pretrain.pretrain_vision(model, processor, videos, targets, cfg, seed=0).probe
+    assert probe["in_frame_found"] >= 0.8 and probe["in_frame_false"] <= 0.05, probe
+
+
 def test_the_tiny_base_on_frame_pairs_learns_a_motion_question(tmp_path):
     """The language model learns which way the square moves from a pretrained frame-pairs
     tower's visual tokens, the base saved and loaded by path like every base."""
