@@ -12,15 +12,10 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from vlm_rlaif import sft, tiny
-from vlm_rlaif.collate import (
-    IGNORE_INDEX,
-    VideoConversationCollator,
-    turn_attention,
-    visual_token_ids,
-)
+from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator, turn_attention
 from vlm_rlaif.config import ConfigError, LoraConfig, SFTConfig, TinyModelConfig, load_params
 from vlm_rlaif.data import SFTRecord, Turn, read_sft
-from vlm_rlaif.modeling import add_lora, load_model_and_processor
+from vlm_rlaif.modeling import add_lora, load_model_and_processor, visual_token_ids
 
 from conftest import PARAMS, resumed_step
 
@@ -150,7 +145,7 @@ def test_packed_turns_see_an_image_as_they_see_a_video(placeholder):
     ids = torch.tensor([[text, visual, visual, text, text, text, text, text]])
     replies = torch.tensor([[0, 0, 0, 0, 1, 0, 1, 0]]).bool()
     valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]]).bool()
-    mask, positions = turn_attention(torch.isin(ids, visual_token_ids(processor)), replies, valid)
+    mask, positions = turn_attention(torch.isin(ids, torch.tensor(visual_token_ids(processor))), replies, valid)
     second_answer = mask[0, 0, 6]
     assert second_answer[:3].all() and not second_answer[3:5].any()
     assert positions[0, 5:7].tolist() == positions[0, 3:5].tolist() == [3, 4]

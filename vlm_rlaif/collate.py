@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from vlm_rlaif.data import Dialogue
-from vlm_rlaif.modeling import build_inputs
+from vlm_rlaif.modeling import build_inputs, visual_token_ids
 from vlm_rlaif.video import load_video
 
 IGNORE_INDEX = -100
@@ -37,7 +37,7 @@ class VideoConversationCollator:
         self.num_frames = num_frames
         self.max_length = max_length
         self.independent_turns = independent_turns
-        self.visual_ids = visual_token_ids(processor)
+        self.visual_ids = torch.tensor(visual_token_ids(processor))  # a frame may be either
 
     def __call__(self, records: Sequence[Dialogue]) -> dict[str, torch.Tensor]:
         videos = [load_video(r.media(self.video_root), self.num_frames) for r in records]
@@ -68,13 +68,6 @@ class VideoConversationCollator:
                 f"max_length {self.max_length} cuts into the {int(visual.max())} visual tokens of a video; raise sft.max_length"
             )
         return batch
-
-
-def visual_token_ids(processor) -> torch.Tensor:
-    """The ids of the processor's visual placeholders, video and image: a record's frames may
-    come as either, and every turn must see them."""
-    names = [getattr(processor, name, None) for name in ("video_token", "image_token")]
-    return torch.tensor(sorted({processor.tokenizer.convert_tokens_to_ids(n) for n in names if n}))
 
 
 def turn_attention(

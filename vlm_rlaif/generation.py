@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlm_rlaif.data import PLACEHOLDER, Dialogue
-from vlm_rlaif.modeling import ConversationError, build_inputs
+from vlm_rlaif.modeling import ConversationError, build_inputs, visual_token_ids
 
 PIXEL_KEYS = ("pixel_values_videos",)  # what precomputed features replace; grid sizes etc. stay
 
@@ -134,8 +134,7 @@ def _decoding(
     if pad is None and eos:
         pad = min(eos)
     # a sampled media placeholder would desync video tokens and features in the next forward pass
-    media = [getattr(processor, name, None) for name in ("video_token", "image_token")]
-    suppress = sorted({processor.tokenizer.convert_tokens_to_ids(t) for t in media if t})
+    suppress = visual_token_ids(processor)
     options = {"max_new_tokens": max_new_tokens, "num_return_sequences": n, "pad_token_id": pad, "repetition_penalty": 1.0,
                "suppress_tokens": suppress or None}
     if temperature == 0:

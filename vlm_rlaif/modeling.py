@@ -333,3 +333,9 @@ def build_inputs(
             ]
         )
     return batch
+
+
+def visual_token_ids(processor) -> list[int]:
+    """The ids of the processor's visual placeholders, video and image, whichever it has."""
+    names = [getattr(processor, name, None) for name in ("video_token", "image_token")]
+    return sorted({processor.tokenizer.convert_tokens_to_ids(n) for n in names if n})
