@@ -1,9 +1,11 @@
 """The PPO stage on the tiny project: the models on one base, rollouts, training, resume."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -38,7 +40,7 @@ def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
     value = {k.replace(".value.", "."): v for k, v in state.items() if ".value." in k}
     reward = {k.replace(".reward.", "."): v for k, v in state.items() if ".reward." in k}
     assert value and value.keys() == reward.keys() and all(torch.equal(value[k], reward[k]) for k in value)
-    torch.testing.assert_close(models.value_head.weight, models.reward_model.head.weight)
+    torch.testing.assert_close(models.value_head.linear.weight, models.reward_model.head.weight)
     eos = models.processor.tokenizer.eos_token_id
     for i, length in enumerate(batch.mask.sum(1).tolist()):  # the mask ends on the EOS when there is one
         assert (batch.responses[i, length - 1] == eos) == bool(batch.ended[i]) or length == params.ppo.max_new_tokens
@@ -93,7 +95,7 @@ def test_a_minibatch_step_moves_policy_and_value_and_nothing_else(trained, monke
     batch = rollout.collect(models, prompts, params.ppo, kl_coef=0.1, video_root=params.data.video_root,
                             num_frames=params.data.num_frames, batch_size=2)
     before = {k: v.clone() for k, v in models.model.state_dict().items()}
-    head = models.value_head.weight.clone()
+    head = models.value_head.linear.weight.clone()
     optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=1e-2)
     scheduler = get_scheduler("constant", optimizer)
     stats = ppo.minibatch_step(models, batch, params.ppo, Accelerator(), optimizer, scheduler,
@@ -103,7 +105,7 @@ def test_a_minibatch_step_moves_policy_and_value_and_nothing_else(trained, monke
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(".default." in k for k in changed) and any(".value." in k for k in changed)
     assert all(".default." in k or ".value." in k for k in changed)  # the reward adapter and the base stay as they were
-    assert not torch.equal(head, models.value_head.weight)
+    assert not torch.equal(head, models.value_head.linear.weight)
 
 
 def test_policy_initialisation_trains_the_policy_adapter_alone(trained, monkeypatch, tmp_path):
@@ -144,7 +146,8 @@ def test_a_reward_model_on_another_base_is_loaded_beside_the_policy(trained, mon
     rm.train(on_other, preferences=Path("ppo_prefs"), out=tmp_path / "rm", checkpoints=tmp_path / "rm_ckpt")
     models = policy.load(on_other, sft=Path("artifacts/base"), reward=tmp_path / "rm")
     assert not models.shared_reward and set(models.model.peft_config) == {policy.POLICY, policy.VALUE}
-    assert models.reward_model.backbone is not models.model and models.value_head.weight.abs().sum() == 0
+    assert models.reward_model.backbone is not models.model
+    assert models.value_head.linear.weight.abs().sum() == 0
     prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records[:2]
     batch = rollout.collect(models, prompts, on_other.ppo, kl_coef=0.1, video_root=params.data.video_root,
                             num_frames=params.data.num_frames, batch_size=2)
@@ -189,3 +192,53 @@ def test_the_reward_model_stage_stops_on_too_few_pairs_and_writes_nothing(traine
         rm.train(strict, preferences=Path("ppo_prefs"), policy=Path("artifacts/base"), out=tmp_path / "rm",
                  checkpoints=tmp_path / "ckpt")
     assert not (tmp_path / "rm").exists() and not (tmp_path / "ckpt").exists()
+
+
+def ppo_on_a_fixed_reward(trained, monkeypatch, reward, rollouts: int, **settings
+                          ) -> tuple[list[float], list[float]]:
+    """The loop `ppo.train` runs (a calibrated first rollout, clipped minibatch steps) against
+    `reward(question, response)`; each rollout's mean reward and the critic's explained
+    variance before its updates."""
+    root, params = trained
+    monkeypatch.chdir(root)
+    cfg = dataclasses.replace(params.ppo, kl_coef=0.0, max_new_tokens=8, calibrate_value=True,
+                              value_clip_unit="return_std", **settings)
+    models = policy.load(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
+    with torch.no_grad():  # the untrained base's logits are near zero; a trained model's are not
+        models.model.get_base_model().get_output_embeddings().weight.mul_(30.0)
+    def rewards(self, videos, prompts, texts, features, batch_size):
+        return torch.tensor([reward(p[0]["value"], text) for p, text in zip(prompts, texts)])
+
+    monkeypatch.setattr(policy.Models, "rewards", rewards)
+    prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records * 4
+    optimizer, accelerator = ppo.make_optimizer(models, cfg), Accelerator()
+    scheduler = get_scheduler("constant", optimizer)
+    rewards, explained = [], []
+    torch.manual_seed(0)
+    for step in range(rollouts):
+        batch = rollout.collect(models, prompts, cfg, kl_coef=0.0, batch_size=4,
+                                video_root=params.data.video_root,
+                                num_frames=params.data.num_frames, calibrate_value=step == 0)
+        rewards.append(batch.scores.mean().item())
+        explained.append(ppo_math.explained_variance(batch.values, batch.returns, batch.mask))
+        for _ in range(cfg.ppo_epochs):
+            for index in np.array_split(torch.randperm(len(batch)).numpy(), 2):
+                ppo.minibatch_step(models, batch.rows(index), cfg, accelerator, optimizer,
+                                   scheduler, value_clip=ppo.value_clip_range(models, cfg))
+    return rewards, explained
+
+
+def test_ppo_on_a_fixed_reward_raises_it(trained, monkeypatch):
+    letters = lambda question, response: float(sum("a" <= c <= "z" for c in response))
+    rewards, _ = ppo_on_a_fixed_reward(trained, monkeypatch, letters, rollouts=16,
+                                       learning_rate=1e-2, value_learning_rate=1e-2)
+    assert np.mean(rewards[-3:]) > 1.5 * np.mean(rewards[:3]), rewards
+
+
+def test_the_critic_learns_to_predict_a_fixed_policys_returns(trained, monkeypatch):
+    """The policy held still (a negligible learning rate), the return is the question's length:
+    the critic that reads the question explains it."""
+    length = lambda question, response: float(len(question))
+    _, explained = ppo_on_a_fixed_reward(trained, monkeypatch, length, rollouts=12,
+                                         learning_rate=1e-12, value_learning_rate=1e-2)
+    assert np.mean(explained[:3]) < 0.5 and np.mean(explained[-3:]) > 0.8, explained

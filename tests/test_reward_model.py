@@ -244,3 +244,44 @@ def test_the_reward_model_can_sit_on_another_base_than_the_policy(staged, tmp_pa
     out = rm.train(on_other, preferences=prefs, policy=Path("does/not/exist"), out=tmp_path / "rm", checkpoints=tmp_path / "ckpt")
     assert json.loads((out / rm.CONFIG_FILE).read_text())["base"] == str(other)
     assert rm.load_reward_model(out)[0].backbone.peft_config["default"].base_model_name_or_path == str(other)
+
+
+def test_the_reward_model_learns_a_preference_it_then_applies_to_pairs_it_did_not_train_on(
+        built, monkeypatch, tmp_path):
+    """Every answer of the tiny world's SFT data against itself in capitals, the plain one
+    preferred: a rule the untrained base's tokens can carry. Held-out pairs go from chance
+    to ranked."""
+    monkeypatch.chdir(built)
+    records = [r for name in ("SFT_short.json", "SFT_long.json")
+               for r in json.loads((Path("data") / name).read_text())]
+    judged = []
+    for uid, r in enumerate(records):
+        answer = r["conversations"][1]["value"]
+        outputs = [answer, answer.upper()] if uid % 2 else [answer.upper(), answer]
+        judged.append({"conversations": r["conversations"][:2], "images": r["images"], "uid": uid,
+                       "output_1": {"value": outputs[0]}, "output_2": {"value": outputs[1]},
+                       "preference": 2 - uid % 2, "margin": 1.0, "dropped": None, "context": [],
+                       "judge": {}})
+    prefs = tmp_path / "preferences"
+    prefs.mkdir()
+    (prefs / "judged.json").write_text(json.dumps(judged))
+    write_records(prefs / "preferences.json", [preference_record(r) for r in judged])
+    settings = STAGE | {"heldout": 0.4, "min_pairs": 1, "epochs": 4.0}
+    params = load_params("params.yaml", overrides={"reward_model": settings})
+    out = rm.train(params, preferences=prefs, policy=Path("artifacts/base"), out=tmp_path / "rm",
+                   checkpoints=tmp_path / "ckpt")
+    held = set(json.loads((out / "split.json").read_text())["heldout"])
+    rows = [r for r in judged if r["uid"] in held]
+    assert len(rows) >= 6
+
+    def accuracy(reward_model, processor) -> float:
+        rewards = rm.reward_pairs(reward_model, processor, rows, video_root=params.data.video_root,
+                                  num_frames=params.data.num_frames, context_in_instruction=False)
+        right = [(a > b) == (r["preference"] == 1) for (a, b), r in zip(rewards, rows)]
+        return float(np.mean(right))
+
+    base, processor = load_model_and_processor("artifacts/base")
+    torch.manual_seed(params.seed)
+    before = accuracy(rm.RewardModel(add_lora(base, params.reward_model.lora)), processor)
+    after = accuracy(*rm.load_reward_model(out))
+    assert before <= 0.75 and after >= 0.9, (before, after)

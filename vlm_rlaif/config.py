@@ -320,6 +320,8 @@ class PPOConfig:
     policy_init_batch_size: int = field(default=4, metadata=positive())
     policy_lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=64, alpha=16, dropout=0.0))
     learning_rate: float = field(default=3e-5, metadata=positive())
+    # the value model's own rate; None: learning_rate
+    value_learning_rate: float | None = field(default=None, metadata=positive())
     lr_scheduler: Scheduler = "cosine"
     warmup_steps: int = field(default=5, metadata=non_negative())
     num_prompts: int | None = field(default=None, metadata=positive())
@@ -328,7 +330,8 @@ class PPOConfig:
     ppo_epochs: int = field(default=2, metadata=positive())
     clip_range: float = field(default=0.2, metadata=positive())
     value_clip: float = field(default=0.2, metadata=positive())
-    # "absolute": the release's; "return_std": in standard deviations of the rollout's returns
+    # "absolute": the release's; "return_std": in standard deviations of the returns the value
+    # head was calibrated on (its unit; needs calibrate_value)
     value_clip_unit: Literal["absolute", "return_std"] = "absolute"
     calibrate_value: bool = False  # on the first rollout, the value head rescaled onto the returns
     vf_coef: float = field(default=0.1, metadata=non_negative())
@@ -361,6 +364,10 @@ class PPOConfig:
         if self.gradient_checkpointing and self.policy_lora.dropout:
             raise ConfigError(f"{key}.policy_lora.dropout: must be 0 with gradient_checkpointing, whose train-mode updates would "
                               "otherwise score tokens under dropout the rollout never had")
+        if self.value_clip_unit == "return_std" and not self.calibrate_value:
+            raise ConfigError(f"{key}.value_clip_unit: return_std counts in the calibrated value "
+                              f"head's unit; set {key}.calibrate_value: true or value_clip_unit: "
+                              "absolute")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ConfigError(f"{key}.seeds: expected distinct non-negative seeds, at least one; got {self.seeds}")
 

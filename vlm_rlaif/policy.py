@@ -37,10 +37,34 @@ POLICY, VALUE, REWARD = "default", "value", "reward"
 TOKEN_TYPES = {"mm_token_type_ids", "token_type_ids"}  # per-token inputs beside the ids (Qwen2.5-VL: which are the video's)
 
 
+class ValueHead(nn.Module):
+    """The value model's read-out: a linear head whose output counts in units of `scale` around
+    `shift`, so that Adam's steps on it move the value on the returns' scale, whatever that is."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, 1)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("shift", torch.zeros(()))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1) * self.scale + self.shift
+
+    @torch.no_grad()
+    def calibrate(self, a: float, b: float, mean: float, std: float) -> None:
+        """Say `a * value + b` from now on, counted in units of `std` around `mean`."""
+        old_scale, old_shift = float(self.scale), float(self.shift)
+        self.linear.weight.mul_(a * old_scale / std)
+        self.linear.bias.mul_(a * old_scale / std).add_((a * old_shift + b - mean) / std)
+        self.scale.fill_(std)
+        self.shift.fill_(mean)
+
+
 class Models:
     """The PPO models and the passes PPO makes through them."""
 
-    def __init__(self, model, processor: ProcessorMixin, value_head: nn.Linear, reward_model: RewardModel,
+    def __init__(self, model, processor: ProcessorMixin, value_head: ValueHead,
+                 reward_model: RewardModel,
                  reward_processor: ProcessorMixin, shared_reward: bool):
         self.model, self.processor, self.value_head = model, processor, value_head
         self.reward_model, self.reward_processor, self.shared_reward = reward_model, reward_processor, shared_reward
@@ -91,13 +115,6 @@ class Models:
     def value_parameters(self) -> list[nn.Parameter]:
         return self._adapter_parameters(VALUE) + list(self.value_head.parameters())
 
-    @torch.no_grad()
-    def calibrate_value_head(self, scale: float, shift: float) -> None:
-        """The value head made to say `scale * value + shift`: on the returns' scale from the
-        first update, where the reward model's head it starts as is on the raw score's."""
-        self.value_head.weight.mul_(scale)
-        self.value_head.bias.mul_(scale).add_(shift)
-
     def encode(self, videos: Sequence[np.ndarray], batch_size: int) -> list[torch.Tensor]:
         return encode_video_list(self.model, self.processor, videos, batch_size)
 
@@ -133,7 +150,7 @@ class Models:
         with self.adapter(VALUE):
             body = self.model.get_base_model().model
             hidden = body(**kwargs).last_hidden_state[:, width - 1 : -1]
-        return self.value_head(hidden.float()).squeeze(-1)
+        return self.value_head(hidden.float())
 
     def rewards(self, videos, prompts, responses: Sequence[str], features, batch_size: int) -> torch.Tensor:
         """The reward model's score of each response: through the shared base's reward adapter
@@ -155,16 +172,16 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
     reward_head.load_state_dict(load_file(reward / HEAD_FILE))
     shared = Path(saved["base"]).resolve() == Path(sft).resolve()
     hidden = model.config.get_text_config().hidden_size
-    value_head = nn.Linear(hidden, 1)
+    value_head = ValueHead(hidden)
     if shared:
         model.load_adapter(reward / ADAPTER_DIR, adapter_name=VALUE, is_trainable=True)
         model.load_adapter(reward / ADAPTER_DIR, adapter_name=REWARD, is_trainable=False)
-        value_head.load_state_dict(reward_head.state_dict())
+        value_head.linear.load_state_dict(reward_head.state_dict())
         reward_model, reward_processor = RewardModel(model, reward_head), processor
     else:
         model.add_adapter(VALUE, copy.deepcopy(model.peft_config[POLICY]))
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
+        nn.init.zeros_(value_head.linear.weight)
+        nn.init.zeros_(value_head.linear.bias)
         reward_model, reward_processor = load_reward_model(reward, dtype=params.base.dtype, load_in_4bit=in_4bit(params))
     if params.ppo.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -71,13 +71,22 @@ def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Acc
             **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
 
 
-def value_clip_range(batch: rollout.Rollout, cfg) -> float:
+def make_optimizer(models: Models, cfg) -> torch.optim.AdamW:
+    """AdamW over the policy at `ppo.learning_rate` and the value model at its own rate: a
+    critic must cover the returns' spread in the few steps a run takes."""
+    return torch.optim.AdamW([
+        {"params": models.policy_parameters(), "lr": cfg.learning_rate},
+        {"params": models.value_parameters(), "lr": cfg.value_learning_rate or cfg.learning_rate},
+    ])
+
+
+def value_clip_range(models: Models, cfg) -> float:
     """`ppo.value_clip` in the unit `ppo.value_clip_unit` names: as given, or in standard
-    deviations of the rollout's returns (a critic's step sized to what it must learn)."""
+    deviations of the returns the value head was calibrated on (its unit), so the critic's
+    step is sized to what it must learn even once a rollout's returns stop varying."""
     if cfg.value_clip_unit == "absolute":
         return cfg.value_clip
-    _, variance = ppo_math.masked_moments(batch.returns, batch.mask)
-    return cfg.value_clip * max(float(variance) ** 0.5, 1e-6)
+    return cfg.value_clip * float(models.value_head.scale)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -197,7 +206,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         raise ConfigError(f"ppo.num_processes: a rollout of {len(batches[0])} RL prompts is too small to share among {world} processes")
 
     models.to(accelerator.device)
-    optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.learning_rate)
+    optimizer = make_optimizer(models, cfg)
     scheduler = get_scheduler(transformers_scheduler(cfg.lr_scheduler), optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(batches) * cfg.ppo_epochs * minibatches)
 
     init_file = prepared / "policy_init.json"
@@ -223,7 +232,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
                                 video_root=params.data.video_root, num_frames=params.data.num_frames,
                                 batch_size=cfg.step_batch_size, calibrate_value=cfg.calibrate_value and step == 0)
         models.model.train(cfg.gradient_checkpointing)  # layers recompute only in train mode
-        updates, value_clip = [], value_clip_range(batch, cfg)
+        updates, value_clip = [], value_clip_range(models, cfg)
         for _ in range(cfg.ppo_epochs):
             for index in np.array_split(torch.randperm(len(batch)).numpy(), minibatches):
                 updates.append(minibatch_step(models, batch.rows(index), cfg, accelerator,

@@ -134,7 +134,9 @@ def collect(
     if calibrate_value:
         to_go = ppo_math.reward_to_go(rewards, mask_f, cfg.gamma)
         scale, shift = ppo_math.affine_fit(values, to_go, mask_f)
-        models.calibrate_value_head(scale, shift)
+        mean, variance = ppo_math.masked_moments(to_go, mask_f)
+        std = max(float(variance) ** 0.5, 1e-6)
+        models.value_head.calibrate(scale, shift, mean=float(mean), std=std)
         values = scale * values + shift  # what the calibrated head now says
     advantages, returns = ppo_math.gae(rewards, values * mask_f, mask_f, cfg.gamma, cfg.lam)
     advantages = ppo_math.whiten(advantages, mask_f)
