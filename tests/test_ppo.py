@@ -242,3 +242,13 @@ def test_the_critic_learns_to_predict_a_fixed_policys_returns(trained, monkeypat
     _, explained = ppo_on_a_fixed_reward(trained, monkeypatch, length, rollouts=12,
                                          learning_rate=1e-12, value_learning_rate=1e-2)
     assert np.mean(explained[:3]) < 0.5 and np.mean(explained[-3:]) > 0.8, explained
+
+
+def test_a_run_that_did_not_learn_is_flagged():
+    log = [{"explained_variance": ev, "value_loss": loss, "score": score}
+           for ev, loss, score in [(0.0, 500, 0.1), (0.1, 400, 0.2), (0.3, 200, 0.4), (0.5, 100, 0.6)]]
+    assert ppo.learning_flags(log) == {"explained_variance": 0.5, "critic_fits": True,
+                                       "value_loss_fall": 5.0, "score_gain": 0.5, "score_rises": True}
+    stuck = [r | {"explained_variance": 0.01, "score": 0.3} for r in log]
+    flags = ppo.learning_flags(stuck)
+    assert not flags["critic_fits"] and not flags["score_rises"]

@@ -44,6 +44,7 @@ OUT = Path("artifacts/ppo")
 CHECKPOINTS = Path("artifacts/checkpoints/ppo")
 LOG_FILE = "log.json"
 PLOTS_DIR = Path("reports/plots/ppo")  # each seed's log again (seed-N.json), where `dvc plots show` finds it
+CRITIC_MIN_EXPLAINED = 0.2  # below this share of the returns' variance the advantages are mostly noise
 
 
 def minibatch_step(models: Models, batch: rollout.Rollout, cfg, accelerator: Accelerator,
@@ -121,6 +122,22 @@ def rollout_stats(batch: rollout.Rollout) -> dict[str, float]:
             "explained_variance": ppo_math.explained_variance(batch.values, batch.returns,
                                                               batch.mask),
             "response_length": lengths.mean().item(), "eos_rate": batch.ended.float().mean().item()}
+
+
+def learning_flags(log: list[dict], share: float = 0.25) -> dict:
+    """Whether a run learnt, from its log's first and last quarter of rollouts: the critic's
+    explained variance (flagged below CRITIC_MIN_EXPLAINED), how far the value loss fell, and
+    whether the shaped score rose."""
+    k = max(1, round(share * len(log)))
+    first, last = log[:k], log[-k:]
+
+    def mean(rows: list[dict], key: str) -> float:
+        return float(np.mean([r[key] for r in rows]))
+
+    explained, gain = mean(last, "explained_variance"), mean(last, "score") - mean(first, "score")
+    return {"explained_variance": round(explained, 4), "critic_fits": explained >= CRITIC_MIN_EXPLAINED,
+            "value_loss_fall": round(mean(first, "value_loss") / max(mean(last, "value_loss"), 1e-12), 3),
+            "score_gain": round(gain, 4), "score_rises": gain > 0}
 
 
 # --------------------------------------------------------------------------- checkpoints
