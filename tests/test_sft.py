@@ -32,7 +32,7 @@ def test_curriculum_puts_every_easy_example_before_the_hard_stage():
     cfg = SFTConfig(epochs=2.0, caption_share=0.25, judge_share=0.5)
     c = sft.build_curriculum(easy, hard, captions, judge, cfg, seed=0)
     # shares of the hard stage: 6 hard examples are the remaining quarter of it
-    assert c.sizes == {"easy": 10, "hard": 6, "captions": 6, "judge": 12, "replay": 0}
+    assert c.sizes == {"easy": 10, "hard": 6, "captions": 6, "judge": 12, "context": 0, "replay": 0}
     assert c.boundary == 20 and len(c.records) == 20 + 2 * (6 + 6 + 12)
     assert {r.id for r in c.records[: c.boundary]} == set(range(10))
     assert all(r.id >= 100 for r in c.records[c.boundary :])
@@ -44,6 +44,29 @@ def test_curriculum_puts_every_easy_example_before_the_hard_stage():
     assert mixed.boundary is None and len(mixed.records) == 15 + 9
     ids = [r.id for r in mixed.records]
     assert min(i for i, x in enumerate(ids) if x >= 100) < max(i for i, x in enumerate(ids) if x < 100)  # not easy, then hard
+
+
+def test_hard_examples_are_asked_again_with_their_clip_captions_and_the_easy_order_stays():
+    def frames(video: str, first: int) -> list[str]:
+        return [f"{video}/frame_{first + i:03d}.png" for i in range(2)]
+
+    easy = [_record(i, "short") for i in range(10)]
+    hard = [dataclasses.replace(_record(100 + i, "A red circle moves."), images=frames(f"v{i}", 0))
+            for i in range(4)]
+    captions = [dataclasses.replace(_record(200 + 3 * i + k, f"clip {k} of v{i}"), images=frames(f"v{i}", 2 * k))
+                for i in range(3) for k in (2, 0, 1)]  # video v3 has none
+    asked = sft.with_clip_captions(hard, captions)
+    assert [r.id for r in asked] == ["100_context", "101_context", "102_context"]
+    question = asked[1].conversations[0].value
+    assert question.startswith("<image>\n") and question.count("<image>") == 1 and question.endswith("\nq")
+    assert question.index("clip 0 of v1") < question.index("clip 1 of v1") < question.index("clip 2 of v1")
+    assert asked[1].conversations[1].value == "A red circle moves." and asked[1].images == hard[1].images
+    plain = sft.build_curriculum(easy, hard, captions, [], SFTConfig(easy_epochs=3.0), seed=0)
+    cfg = SFTConfig(easy_epochs=3.0, context_share=0.5)
+    with_context = sft.build_curriculum(easy, hard, captions, [], cfg, seed=0)
+    assert with_context.sizes["context"] == 2 and with_context.boundary == plain.boundary
+    assert [r.id for r in with_context.records[: plain.boundary]] == [r.id for r in plain.records[: plain.boundary]]
+    assert sum(str(r.id).endswith("_context") for r in with_context.records[plain.boundary :]) == 2
 
 
 def test_each_curriculum_stage_warms_up_and_decays_on_its_own():

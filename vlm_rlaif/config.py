@@ -249,6 +249,8 @@ class SFTConfig:
     # examples replayed.
     caption_share: float = field(default=0.0, metadata=unit())
     judge_share: float = field(default=0.0, metadata=unit())
+    # of the hard split: examples asked again with their video's clip captions opening the question
+    context_share: float = field(default=0.0, metadata=unit())
     replay_share: float = field(default=0.0, metadata=unit())
     pack_turns: bool = False  # the easy split's questions about one video as one conversation
     gradient_checkpointing: bool = False

@@ -7,7 +7,8 @@ together for the ablation. `sft.replay_share` draws part of the hard stage from 
 split again: a language model trained from scratch otherwise forgets to stop after a short
 answer (a 7B LLM keeps that from pretraining; zero in the paper profile). The embedded
 default also mixes the world's clip-caption and judge examples into the hard stage
-(`caption_share`, `judge_share` of it): the abilities the preferences stage asks of the SFT
+(`caption_share`, `judge_share` of it), and asks hard examples again with their clip captions
+opening the question (`context_share`): the abilities the preferences stage asks of the SFT
 model, which a pretrained LLM brings at paper scale. Each stage warms up and decays its own
 learning rate, as two SFT runs would: under one schedule the hard stage would sit in its
 tail, at a rate too low to teach anything new. And it packs each video's questions into one
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
-from vlm_rlaif import collate, data, io, logprobs, modeling, stage, video
+from vlm_rlaif import collate, data, io, logprobs, modeling, prompts, stage, video
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.config import BaseConfig, ConfigError, Params, SFTConfig
 from vlm_rlaif.data import SFTRecord, read_sft
@@ -113,11 +114,38 @@ def _grouped_by_length(records: list, batch_size: int, rng: np.random.Generator,
     return out
 
 
+def _video_key(record: SFTRecord) -> str:
+    """The video a record is about: its frames' folder, or its video file."""
+    return str(Path(record.images[0]).parent) if record.images else str(record.video)
+
+
+def with_clip_captions(hard: list[SFTRecord], captions: list[SFTRecord]) -> list[SFTRecord]:
+    """Each hard example whose video has clip captions, asked again with those captions (in
+    clip order) opening the question, as the judge reads them: a language model from
+    scratch must be taught to read a context, which a pretrained LLM already does."""
+    clips: dict[str, list[SFTRecord]] = {}
+    for record in captions:
+        clips.setdefault(_video_key(record), []).append(record)
+    out = []
+    for record in hard:
+        found = sorted(clips.get(_video_key(record), []), key=lambda r: (r.images or [""])[0])
+        if not found:
+            continue
+        first, *rest = record.conversations
+        question = first.value.replace(data.PLACEHOLDER, "").strip()
+        context = prompts.format_context([r.conversations[-1].value for r in found])
+        asked = f"{data.PLACEHOLDER}\n{prompts.with_context(question, context)}"
+        out.append(dataclasses.replace(record, id=f"{record.id}_context",
+                                       conversations=[dataclasses.replace(first, value=asked), *rest]))
+    return out
+
+
 def build_curriculum(
     easy: list[SFTRecord], hard: list[SFTRecord], captions: list[SFTRecord], judge: list[SFTRecord], cfg: SFTConfig, seed: int
 ) -> Curriculum:
     """The training order: the easy passes, then the hard stage, which also carries the world's
-    clip captions and judge examples (`caption_share`, `judge_share` of it) and replays easy
+    clip captions and judge examples (`caption_share`, `judge_share` of it), hard examples
+    asked again with their clip captions (`context_share` of the hard split) and replays easy
     examples (`replay_share`)."""
     if cfg.caption_share + cfg.judge_share >= 1:
         raise ValueError("sft.caption_share + sft.judge_share must be below 1: they are shares of the hard stage")
@@ -126,8 +154,12 @@ def build_curriculum(
         easy = pack_turns(easy)
     rest = 1 - cfg.caption_share - cfg.judge_share
     extras = [_draw(pool, round(share / rest * len(hard)), rng) for pool, share in ((captions, cfg.caption_share), (judge, cfg.judge_share))]
-    stage2 = hard + extras[0] + extras[1]
-    sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1])}
+    # drawn with a generator of their own: the easy stage's order is the same with them or not
+    in_context = _draw(with_clip_captions(hard, captions), round(cfg.context_share * len(hard)),
+                       np.random.default_rng([seed, 1]))
+    stage2 = hard + extras[0] + extras[1] + in_context
+    sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1]),
+             "context": len(in_context)}
     easy_epochs = cfg.epochs if cfg.easy_epochs is None else cfg.easy_epochs
     if not cfg.curriculum:
         mixed = _epochs(easy, easy_epochs, rng) + _epochs(stage2, cfg.epochs, rng)
