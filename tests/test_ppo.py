@@ -206,10 +206,11 @@ def ppo_on_a_fixed_reward(trained, monkeypatch, reward, rollouts: int, **setting
     models = policy.load(params, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
     with torch.no_grad():  # the untrained base's logits are near zero; a trained model's are not
         models.model.get_base_model().get_output_embeddings().weight.mul_(30.0)
-    def rewards(self, videos, prompts, texts, features, batch_size):
+
+    def fixed_rewards(self, videos, prompts, texts, features, batch_size):
         return torch.tensor([reward(p[0]["value"], text) for p, text in zip(prompts, texts)])
 
-    monkeypatch.setattr(policy.Models, "rewards", rewards)
+    monkeypatch.setattr(policy.Models, "rewards", fixed_rewards)
     prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records * 4
     optimizer, accelerator = ppo.make_optimizer(models, cfg), Accelerator()
     scheduler = get_scheduler("constant", optimizer)

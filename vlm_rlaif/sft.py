@@ -123,17 +123,17 @@ def with_clip_captions(hard: list[SFTRecord], captions: list[SFTRecord]) -> list
     """Each hard example whose video has clip captions, asked again with those captions (in
     clip order) opening the question, as the judge reads them: a language model from
     scratch must be taught to read a context, which a pretrained LLM already does."""
-    clips: dict[str, list[SFTRecord]] = {}
-    for record in captions:
-        clips.setdefault(_video_key(record), []).append(record)
+    clips: dict[str, list[str]] = {}
+    for record in sorted(captions, key=lambda r: (r.images or [""])[0]):  # clip order
+        clips.setdefault(_video_key(record), []).append(record.conversations[-1].value)
     out = []
     for record in hard:
-        found = sorted(clips.get(_video_key(record), []), key=lambda r: (r.images or [""])[0])
-        if not found:
+        key = _video_key(record)
+        if key not in clips:
             continue
         first, *rest = record.conversations
         question = first.value.replace(data.PLACEHOLDER, "").strip()
-        context = prompts.format_context([r.conversations[-1].value for r in found])
+        context = prompts.format_context(clips[key])
         asked = f"{data.PLACEHOLDER}\n{prompts.with_context(question, context)}"
         out.append(dataclasses.replace(record, id=f"{record.id}_context",
                                        conversations=[dataclasses.replace(first, value=asked), *rest]))
@@ -156,7 +156,7 @@ def build_curriculum(
     extras = [_draw(pool, round(share / rest * len(hard)), rng) for pool, share in ((captions, cfg.caption_share), (judge, cfg.judge_share))]
     # drawn with a generator of their own: the easy stage's order is the same with them or not
     in_context = _draw(with_clip_captions(hard, captions), round(cfg.context_share * len(hard)),
-                       np.random.default_rng([seed, 1]))
+                       np.random.default_rng([seed, 1])) if cfg.context_share else []
     stage2 = hard + extras[0] + extras[1] + in_context
     sizes = {"easy": len(easy), "hard": len(hard), "captions": len(extras[0]), "judge": len(extras[1]),
              "context": len(in_context)}
