@@ -104,3 +104,13 @@ def test_a_model_answers_every_set_and_a_pair_per_consistency_question(built, ti
     only = answer_sets(model, processor, sets, video_root=params.data.eval_video_root, num_frames=params.data.num_frames,
                        max_new_tokens=4, temperature=0.0, batch_size=2, only=["temporal"])
     assert only == {"temporal": answers["temporal"]}  # greedy: the same answers alone as among the others
+    capped = answer_sets(model, processor, sets, video_root=params.data.eval_video_root,
+                         num_frames=params.data.num_frames, max_new_tokens=4, temperature=0.0,
+                         batch_size=2, zeroshot_max_new_tokens=1)
+    zeroshot = [k for k in answers if k.startswith("zeroshot/")]
+    assert zeroshot and all(capped[k] == answers[k] for k in answers if k not in zeroshot)
+
+    def tokens(found: list[str]) -> int:
+        return sum(len(processor.tokenizer(a)["input_ids"]) for a in found)
+
+    assert all(tokens(capped[k]) < tokens(answers[k]) for k in zeroshot)  # the untrained never stop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 
@@ -20,7 +21,9 @@ from transformers import (
 )
 
 from vlm_rlaif.config import TinyModelConfig
-from vlm_rlaif.modeling import ConversationError, ModelLoadError, build_inputs, load_model_and_processor
+from vlm_rlaif.modeling import (
+    ConversationError, ModelLoadError, _render, build_inputs, load_model_and_processor,
+)
 from vlm_rlaif.tiny import build_tiny_model, train_tokenizer
 
 CORPUS = [
@@ -187,6 +190,17 @@ def test_assistant_masks_cover_each_reply_and_its_end_marker(family):
     assert masked_runs(tokenizer, batch["input_ids"][1], masks[1]) == ["A red circle enters." + eos, "A blue square leaves the frame." + eos]
     with torch.no_grad():
         assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_a_remembered_rendering_is_the_templates_own_and_follows_a_changed_template(llava):
+    _, processor = llava
+    asked = [{"type": "video"}, {"type": "text", "text": "What moves?"}]
+    messages = [{"role": "user", "content": asked}]
+    fresh = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert _render(processor, messages, True) == _render(processor, messages, True) == fresh
+    other = copy.copy(processor)
+    other.chat_template = "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"
+    assert _render(other, messages, True) == "[user]" != fresh
 
 
 def test_release_role_key_is_accepted(llava):

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlm_rlaif import video
 from vlm_rlaif.video import (
+    FrameCache,
     VideoError,
     check_readable,
     list_frames,
@@ -267,6 +269,23 @@ def test_frame_list_keeps_the_given_order(frame_folder):
     assert frame_ids(load_video(paths, 5)) == [9, 3, 7, 1, 0]
     assert frame_ids(load_video([str(p) for p in paths], 3)) == [9, 7, 0]
     assert frame_ids(load_video(paths[:1], 3)) == [9, 9, 9]
+
+
+def test_the_frame_cache_decodes_once_and_holds_no_more_than_its_budget(frame_folder, monkeypatch):
+    assert np.array_equal(FrameCache(4)(frame_folder), load_video(frame_folder, 4))
+    decoded = []
+    def decode(source, n):
+        decoded.append(source)
+        return np.zeros((n, 2, 2, 3), np.uint8)
+
+    monkeypatch.setattr(video, "load_video", decode)
+    cache = FrameCache(num_frames=4, budget=2 * 4 * 2 * 2 * 3)  # room for two videos
+    paths = [frame_folder / f"frame_{i}.png" for i in range(3)]
+    for source in [frame_folder, paths, frame_folder, [str(p) for p in paths], frame_folder / "x"]:
+        assert cache(source).shape == (4, 2, 2, 3)
+    assert decoded == [frame_folder, paths, frame_folder / "x"]  # a list keys by its paths' names
+    cache(frame_folder / "x")
+    assert decoded[-1] == decoded[-2] == frame_folder / "x"  # past the budget: decoded anew
 
 
 def test_empty_folder_and_empty_list_are_errors(tmp_path):

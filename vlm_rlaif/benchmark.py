@@ -103,15 +103,19 @@ def answer_sets(
     batch_size: int = 16,
     progress: bool = False,
     only: Sequence[str] | None = None,
+    zeroshot_max_new_tokens: int | None = None,
 ) -> dict[str, list]:
     """The model's answers to every set (or the sets keyed in `only`): one string per question,
-    a pair per consistency question."""
-    ask = dict(video_root=video_root, num_frames=num_frames, max_new_tokens=max_new_tokens, temperature=temperature,
+    a pair per consistency question. Zero-shot answers stop at `zeroshot_max_new_tokens` where
+    given: a model that never learnt to stop would otherwise ramble to max_new_tokens."""
+    ask = dict(video_root=video_root, num_frames=num_frames, temperature=temperature,
                batch_size=batch_size, progress=progress)
     answers: dict[str, list] = {}
     for key, questions in sets.questions().items():
         if only is not None and key not in only:
             continue
+        short = key.startswith(ZEROSHOT) and zeroshot_max_new_tokens is not None
+        ask["max_new_tokens"] = zeroshot_max_new_tokens if short else max_new_tokens
         if key == "consistency":
             asked = [GenericQA(video_name=q.video_name, question=text, answer=q.answer) for q in questions for text in (q.question_1, q.question_2)]
             flat = answer_questions(model, processor, asked, **ask)

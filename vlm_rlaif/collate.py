@@ -14,7 +14,7 @@ import torch
 
 from vlm_rlaif.data import Dialogue
 from vlm_rlaif.modeling import build_inputs, visual_token_ids
-from vlm_rlaif.video import load_video
+from vlm_rlaif.video import FrameCache
 
 IGNORE_INDEX = -100
 
@@ -34,13 +34,13 @@ class VideoConversationCollator:
     ):
         self.processor = processor
         self.video_root = Path(video_root)
-        self.num_frames = num_frames
+        self.frames = FrameCache(num_frames)
         self.max_length = max_length
         self.independent_turns = independent_turns
         self.visual_ids = torch.tensor(visual_token_ids(processor))  # a frame may be either
 
     def __call__(self, records: Sequence[Dialogue]) -> dict[str, torch.Tensor]:
-        videos = [load_video(r.media(self.video_root), self.num_frames) for r in records]
+        videos = [self.frames(r.media(self.video_root)) for r in records]
         batch = build_inputs(
             self.processor, videos, [r.conversations for r in records], add_generation_prompt=False, assistant_masks=True
         )

@@ -399,6 +399,8 @@ class ReleasedModel:
 class EvaluateConfig:
     temperature: float = field(default=0.2, metadata=non_negative())
     max_new_tokens: int = field(default=512, metadata=positive())
+    # None: max_new_tokens on the zero-shot sets too
+    zeroshot_max_new_tokens: int | None = field(default=None, metadata=positive())
     num_samples: int | None = field(default=None, metadata=positive())
     batch_size: int = field(default=16, metadata=positive())
     judge: JudgeConfig = field(default_factory=JudgeConfig)

@@ -120,6 +120,7 @@ def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkp
         answers[key] = benchmark.answer_sets(
             model, processor, sets, only=[key], video_root=videos[key], num_frames=run.num_frames,
             max_new_tokens=params.evaluate.max_new_tokens, temperature=params.evaluate.temperature,
+            zeroshot_max_new_tokens=params.evaluate.zeroshot_max_new_tokens,
             batch_size=params.evaluate.batch_size, progress=progress,
         )[key]
         io.write_json(path, answers[key])

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vlm_rlaif import io
 from vlm_rlaif.data import PLACEHOLDER, GenericQA, ZeroShotQA, read_generic_qa, read_zeroshot_qa
 from vlm_rlaif.errors import InputError
-from vlm_rlaif.generation import generate
+from vlm_rlaif.generation import encode_video_list, generate
 from vlm_rlaif.modeling import ConversationError
 from vlm_rlaif.synthetic.oracle import OracleScore, as_scene, score_answer, score_description
 from vlm_rlaif.synthetic.scene import Scene
@@ -40,17 +40,22 @@ def release_conversation(question: str) -> list[dict]:
     return [{"from": "human", "value": f"{PLACEHOLDER}\n{question}"}]
 
 
-def _load_videos(questions: Sequence[ZeroShotQA | GenericQA], first: int, video_root: str | os.PathLike, num_frames: int) -> list[np.ndarray]:
-    """Frames for each question; a video asked about several times is decoded once."""
-    loaded: dict[str, np.ndarray] = {}
+def _load_videos(questions: Sequence[ZeroShotQA | GenericQA], first: int,
+                 video_root: str | os.PathLike, num_frames: int
+                 ) -> tuple[list[np.ndarray], list[int]]:
+    """Each distinct video the questions ask about, decoded once, and each question's index
+    into that list."""
+    loaded: dict[str, int] = {}
+    videos: list[np.ndarray] = []
     for index, question in enumerate(questions, first):
         if question.video_name in loaded:
             continue
         try:
-            loaded[question.video_name] = load_video(resolve_video(video_root, question.video_name), num_frames)
+            videos.append(load_video(resolve_video(video_root, question.video_name), num_frames))
         except VideoError as e:
             raise VideoError(f"question {index} (video_name {question.video_name!r}): {e}") from None
-    return [loaded[q.video_name] for q in questions]
+        loaded[question.video_name] = len(videos) - 1
+    return videos, [loaded[q.video_name] for q in questions]
 
 
 def answer_questions(
@@ -66,21 +71,24 @@ def answer_questions(
     progress: bool = False,
 ) -> list[str]:
     """One answer per question, in order. Videos are loaded one batch at a time, so a
-    benchmark of thousands of 50-frame videos never sits in memory whole."""
+    benchmark of thousands of 50-frame videos never sits in memory whole, and a video asked
+    several questions in a batch is encoded once."""
     answers: list[str] = []
     bar = tqdm(total=len(questions), desc="answer", unit="question", disable=not progress)
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
-        videos = _load_videos(chunk, start, video_root, num_frames)
+        videos, video_of = _load_videos(chunk, start, video_root, num_frames)
+        features = encode_video_list(model, processor, videos, batch_size=batch_size)
         try:
             texts = generate(
                 model,
                 processor,
-                videos,
+                [videos[i] for i in video_of],
                 [release_conversation(q.question) for q in chunk],
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 batch_size=batch_size,
+                features=[features[i] for i in video_of],
             )
         except ConversationError as e:
             raise ConversationError(f"questions {start}..{start + len(chunk) - 1}: {e}") from None
@@ -207,6 +215,7 @@ def held_out_oracle(
     video_root: str | os.PathLike,
     num_frames: int,
     max_new_tokens: int,
+    batch_size: int = 16,
     progress: bool = False,
 ) -> tuple[dict, dict[str, list[str]]]:
     """A model on the synthetic world's held-out sets, scored by the oracle: short-answer
@@ -217,7 +226,8 @@ def held_out_oracle(
     scenes = io.read_json(prepared / "scenes.json")
     short = read_zeroshot_qa(prepared / "eval/zeroshot_synthetic.json").records
     long = read_generic_qa(prepared / "eval/generic_qa.json").records
-    ask = dict(video_root=video_root, num_frames=num_frames, max_new_tokens=max_new_tokens, progress=progress)
+    ask = dict(video_root=video_root, num_frames=num_frames, max_new_tokens=max_new_tokens,
+               batch_size=batch_size, progress=progress)
     answers = {"short": answer_questions(model, processor, short, **ask), "long": answer_questions(model, processor, long, **ask)}
     scores = {
         "short": oracle_short_accuracy(scenes, short, answers["short"]),

@@ -8,8 +8,10 @@ checkpoint's own processor and chat template decide how a video and the turns be
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +233,21 @@ def _check_frames(video: Any, index: int) -> np.ndarray:
     return video
 
 
+_RENDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> {key: text}
+RENDER_CACHE = 2**16  # texts kept per processor
+
+
 def _render(processor: ProcessorMixin, messages: list[dict], add_generation_prompt: bool) -> str:
-    return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    """The chat template's text, remembered: training renders every conversation, and each
+    reply's prefixes, once per epoch, and the template engine dominates a batch's collation."""
+    cache = _RENDERED.setdefault(processor, {})
+    key = (processor.chat_template, json.dumps(messages), add_generation_prompt)
+    if (text := cache.get(key)) is None:
+        if len(cache) >= RENDER_CACHE:
+            cache.clear()
+        text = cache[key] = processor.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return text
 
 
 def _assistant_spans(processor: ProcessorMixin, messages: list[dict], text: str, index: int) -> list[tuple[int, int]]:

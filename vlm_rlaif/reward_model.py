@@ -34,7 +34,7 @@ from vlm_rlaif.errors import InputError
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
 from vlm_rlaif.verdict import accuracy_against
-from vlm_rlaif.video import load_video
+from vlm_rlaif.video import FrameCache, load_video
 
 OUT = Path("artifacts/reward_model")
 CHECKPOINTS = Path("artifacts/checkpoints/reward_model")
@@ -225,10 +225,11 @@ class PairCollator:
     A record's turns before its last (the gpt slot the outputs fill) are the prompt."""
 
     def __init__(self, processor: ProcessorMixin, video_root: str | os.PathLike, num_frames: int, cfg: RewardModelConfig):
-        self.processor, self.video_root, self.num_frames, self.cfg = processor, video_root, num_frames, cfg
+        self.processor, self.video_root, self.cfg = processor, video_root, cfg
+        self.frames = FrameCache(num_frames)
 
     def __call__(self, records: Sequence[PreferenceRecord]) -> dict:
-        videos = [load_video(r.media(self.video_root), self.num_frames) for r in records]
+        videos = [self.frames(r.media(self.video_root)) for r in records]
         rows = [
             reward_conversation([t.to_dict() for t in r.conversations[:-1]], getattr(r, side),
                                 _context(r, self.cfg.context_in_instruction, r.extra.get("uid", "?")))

@@ -156,6 +156,25 @@ def load_video(source: VideoSource, num_frames: int, backend: Backend = "auto") 
     return _read_images([frames[i] for i in sample_indices(len(frames), num_frames)])
 
 
+class FrameCache:
+    """`load_video` that keeps what it decodes, up to `budget` bytes: a training run reads
+    every video once per epoch, and holding the frames costs less than decoding them again."""
+
+    def __init__(self, num_frames: int, budget: int = 2**30):
+        self.num_frames, self.budget = num_frames, budget
+        self._frames: dict = {}
+        self._held = 0
+
+    def __call__(self, source: VideoSource) -> np.ndarray:
+        key = str(source) if isinstance(source, (str, os.PathLike)) else tuple(map(str, source))
+        if (frames := self._frames.get(key)) is not None:
+            return frames
+        frames = load_video(source, self.num_frames)
+        if self._held + frames.nbytes <= self.budget:  # past the budget, videos are decoded anew
+            self._frames[key], self._held = frames, self._held + frames.nbytes
+        return frames
+
+
 def check_readable(source: VideoSource, num_frames: int) -> None:
     """Decode what a stage may read of `source`, so a bad video stops `prepare` rather than a
     training run hours later: every frame of a frame folder or list (clip captions read
