@@ -203,6 +203,33 @@ def test_the_fused_loss_equals_the_models_own_loss_and_gradients(built, tmp_path
     assert len(fused_calls) == 2
 
 
+def test_a_frozen_towers_features_are_computed_once_per_video_and_change_nothing(built, tmp_path):
+    model, processor = load_model_and_processor(built / "artifacts/base")
+    sft.set_trainable(model, SFTConfig(train_projector=False), "llava_next_video")
+    assert sft.video_side_frozen(model, "llava_next_video")
+    records = read_sft(built / "artifacts/prepare/sft_easy.json").records[:3]
+    collate = VideoConversationCollator(processor, built / "data/videos", num_frames=4,
+                                        max_length=512, video_keys=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = sft.CheckpointTrainer(model=model, args=args, schedule=lambda step: 1.0)
+    encoded = []
+    real = model.model.get_video_features  # what the forward pass and `encode_videos` both call
+
+    def counted(*args, **kwargs):
+        encoded.append(1)
+        return real(*args, **kwargs)
+
+    model.model.get_video_features = counted
+    batch = collate(records)
+    plain = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "video_keys"})
+    assert len(encoded) == 1
+    for _ in range(2):  # the first pass encodes and keeps, the second reads what was kept
+        assert torch.equal(trainer.compute_loss(model, dict(collate(records))), plain)
+    assert len(encoded) == 2 and len(trainer.features) == len(set(collate(records)["video_keys"]))
+    sft.set_trainable(model, SFTConfig(train_projector=True), "llava_next_video")
+    assert not sft.video_side_frozen(model, "llava_next_video")
+
+
 def test_a_head_an_engine_shards_or_with_a_bias_takes_the_models_own_loss():
     head = torch.nn.Linear(8, 32, bias=False)
     owner = type("Owner", (), {"get_output_embeddings": lambda self: head})()

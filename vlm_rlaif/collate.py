@@ -22,7 +22,7 @@ IGNORE_INDEX = -100
 class VideoConversationCollator:
     """Loads each record's frames and renders its conversation through the chat template;
     with `independent_turns`, every turn sees the visual input and itself only
-    (`turn_attention`)."""
+    (`turn_attention`); with `video_keys`, the batch names its videos (`FrameCache.key`)."""
 
     def __init__(
         self,
@@ -31,16 +31,19 @@ class VideoConversationCollator:
         num_frames: int,
         max_length: int,
         independent_turns: bool = False,
+        video_keys: bool = False,
     ):
         self.processor = processor
         self.video_root = Path(video_root)
         self.frames = FrameCache(num_frames)
         self.max_length = max_length
         self.independent_turns = independent_turns
+        self.video_keys = video_keys
         self.visual_ids = torch.tensor(visual_token_ids(processor))  # a frame may be either
 
     def __call__(self, records: Sequence[Dialogue]) -> dict[str, torch.Tensor]:
-        videos = [self.frames(r.media(self.video_root)) for r in records]
+        sources = [r.media(self.video_root) for r in records]
+        videos = [self.frames(source) for source in sources]
         batch = build_inputs(
             self.processor, videos, [r.conversations for r in records], add_generation_prompt=False, assistant_masks=True
         )
@@ -54,6 +57,8 @@ class VideoConversationCollator:
                 replies,
                 batch["attention_mask"].bool(),
             )
+        if self.video_keys:
+            batch["video_keys"] = [FrameCache.key(source) for source in sources]
         return batch
 
     def _truncate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

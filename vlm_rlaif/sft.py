@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
-from vlm_rlaif import collate, data, io, logprobs, modeling, prompts, stage, video
+from vlm_rlaif import collate, data, generation, io, logprobs, modeling, prompts, stage, video
 from vlm_rlaif.collate import VideoConversationCollator
 from vlm_rlaif.config import BaseConfig, ConfigError, Params, SFTConfig
 from vlm_rlaif.data import SFTRecord, read_sft
@@ -46,6 +46,7 @@ CHECKPOINTS = Path("artifacts/checkpoints/sft")
 # The part of each family that sees, and the part that connects vision to language.
 TOWERS = {"llava_next_video": "vision_tower", "qwen2_5_vl": "visual"}
 PROJECTORS = {"llava_next_video": "multi_modal_projector", "qwen2_5_vl": "merger"}
+FEATURE_CACHE = 2**30  # bytes of a frozen tower's features kept across epochs
 
 
 # --------------------------------------------------------------------------- curriculum
@@ -201,6 +202,14 @@ def set_trainable(model, cfg: SFTConfig, family: str) -> None:
                 module.requires_grad_(trainable)
 
 
+def video_side_frozen(model, family: str) -> bool:
+    """Whether nothing of the vision tower or the projector trains (a LoRA on them included):
+    then a video's features are the same in every epoch."""
+    parts = (TOWERS[family], PROJECTORS[family])
+    video_side = (p for n, p in model.named_parameters() if any(f".{x}." in f".{n}" for x in parts))
+    return not any(p.requires_grad for p in video_side)
+
+
 def fingerprint(params: Params, files: Sequence[Path], base: Path) -> str:
     """What a checkpoint was trained from (params, data, base model, the training code):
     a checkpoint of another run is never resumed."""
@@ -240,9 +249,27 @@ class CheckpointTrainer(Trainer):
     def __init__(self, *args, schedule: Callable[[int], float], **kwargs):
         super().__init__(*args, **kwargs)
         self.schedule = schedule
+        self.features: dict = {}  # a frozen tower's output by video (`video_side_frozen`)
+        self.feature_bytes = 0
+
+    def _with_video_features(self, model, inputs: dict) -> dict:
+        """The batch with each video's features in place of its pixels, where the collator named
+        the videos (the tower is frozen): every video passes the tower once per run."""
+        keys = inputs.pop("video_keys", None)
+        if keys is None:
+            return inputs
+        if any(key not in self.features for key in keys):
+            encoded = generation.encode_videos(model, inputs)
+            for key, features in zip(keys, encoded):
+                if self.feature_bytes + features.nbytes <= FEATURE_CACHE:  # past it: encoded anew
+                    self.features[key] = features
+                    self.feature_bytes += features.nbytes
+            return generation.with_features(inputs, encoded)
+        return generation.with_features(inputs, [self.features[key] for key in keys])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
+        inputs = self._with_video_features(unwrapped, inputs)
         weight = full_head_weight(unwrapped)
         if weight is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -328,6 +355,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), base: Path
         params.data.num_frames,
         cfg.max_length,
         independent_turns=cfg.pack_turns,  # a packed question must not see the others' answers
+        video_keys=video_side_frozen(model, params.base.family),
     )
     trainer = CheckpointTrainer(
         model=model, args=args, data_collator=collator, train_dataset=curriculum.records,

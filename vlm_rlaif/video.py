@@ -165,8 +165,13 @@ class FrameCache:
         self._frames: dict = {}
         self._held = 0
 
+    @staticmethod
+    def key(source: VideoSource) -> str | tuple[str, ...]:
+        """What names a video: its path, or its frames' paths."""
+        return str(source) if isinstance(source, (str, os.PathLike)) else tuple(map(str, source))
+
     def __call__(self, source: VideoSource) -> np.ndarray:
-        key = str(source) if isinstance(source, (str, os.PathLike)) else tuple(map(str, source))
+        key = self.key(source)
         if (frames := self._frames.get(key)) is not None:
             return frames
         frames = load_video(source, self.num_frames)
