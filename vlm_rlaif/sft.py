@@ -194,20 +194,23 @@ def stage_schedule(kind: str, warmup_ratio: float, total_steps: int, boundary_st
 # --------------------------------------------------------------------------- model
 
 
+def _modules(model, part: str):
+    """Every module of `model` named `part` (wrappers such as peft's add prefixes)."""
+    return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == part]
+
+
 def set_trainable(model, cfg: SFTConfig, family: str) -> None:
     """Freeze the vision tower and/or the projector as `cfg` asks (the language model trains)."""
     for part, trainable in ((TOWERS[family], cfg.train_vision_tower), (PROJECTORS[family], cfg.train_projector)):
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] == part:
-                module.requires_grad_(trainable)
+        for module in _modules(model, part):
+            module.requires_grad_(trainable)
 
 
 def video_side_frozen(model, family: str) -> bool:
     """Whether nothing of the vision tower or the projector trains (a LoRA on them included):
     then a video's features are the same in every epoch."""
-    parts = (TOWERS[family], PROJECTORS[family])
-    video_side = (p for n, p in model.named_parameters() if any(f".{x}." in f".{n}" for x in parts))
-    return not any(p.requires_grad for p in video_side)
+    parts = [m for part in (TOWERS[family], PROJECTORS[family]) for m in _modules(model, part)]
+    return not any(p.requires_grad for module in parts for p in module.parameters())
 
 
 def fingerprint(params: Params, files: Sequence[Path], base: Path) -> str:
@@ -249,8 +252,7 @@ class CheckpointTrainer(Trainer):
     def __init__(self, *args, schedule: Callable[[int], float], **kwargs):
         super().__init__(*args, **kwargs)
         self.schedule = schedule
-        self.features: dict = {}  # a frozen tower's output by video (`video_side_frozen`)
-        self.feature_bytes = 0
+        self.features = video.Kept(FEATURE_CACHE)  # a frozen tower's output by video
 
     def _with_video_features(self, model, inputs: dict) -> dict:
         """The batch with each video's features in place of its pixels, where the collator named
@@ -260,11 +262,8 @@ class CheckpointTrainer(Trainer):
             return inputs
         if any(key not in self.features for key in keys):
             encoded = generation.encode_videos(model, inputs)
-            for key, features in zip(keys, encoded):
-                if self.feature_bytes + features.nbytes <= FEATURE_CACHE:  # past it: encoded anew
-                    self.features[key] = features
-                    self.feature_bytes += features.nbytes
-            return generation.with_features(inputs, encoded)
+            kept = [self.features.keep(key, features) for key, features in zip(keys, encoded)]
+            return generation.with_features(inputs, kept)
         return generation.with_features(inputs, [self.features[key] for key in keys])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

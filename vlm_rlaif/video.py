@@ -156,14 +156,28 @@ def load_video(source: VideoSource, num_frames: int, backend: Backend = "auto") 
     return _read_images([frames[i] for i in sample_indices(len(frames), num_frames)])
 
 
+class Kept(dict):
+    """Arrays or tensors by key, kept while they fit in `budget` bytes; past it, a value is
+    not kept and its owner computes it anew."""
+
+    def __init__(self, budget: int = 2**30):
+        super().__init__()
+        self.budget, self.held = budget, 0
+
+    def keep(self, key, value):
+        if self.held + value.nbytes <= self.budget:
+            self[key] = value
+            self.held += value.nbytes
+        return value
+
+
 class FrameCache:
-    """`load_video` that keeps what it decodes, up to `budget` bytes: a training run reads
-    every video once per epoch, and holding the frames costs less than decoding them again."""
+    """`load_video` that keeps what it decodes (`Kept`): a training run reads every video once
+    per epoch, and holding the frames costs less than decoding them again."""
 
     def __init__(self, num_frames: int, budget: int = 2**30):
-        self.num_frames, self.budget = num_frames, budget
-        self._frames: dict = {}
-        self._held = 0
+        self.num_frames = num_frames
+        self._frames = Kept(budget)
 
     @staticmethod
     def key(source: VideoSource) -> str | tuple[str, ...]:
@@ -174,10 +188,7 @@ class FrameCache:
         key = self.key(source)
         if (frames := self._frames.get(key)) is not None:
             return frames
-        frames = load_video(source, self.num_frames)
-        if self._held + frames.nbytes <= self.budget:  # past the budget, videos are decoded anew
-            self._frames[key], self._held = frames, self._held + frames.nbytes
-        return frames
+        return self._frames.keep(key, load_video(source, self.num_frames))
 
 
 def check_readable(source: VideoSource, num_frames: int) -> None:
