@@ -90,8 +90,9 @@ def built(tmp_path_factory):
 
 
 # Preferences, reward-model and PPO settings small enough for a test to run each in seconds.
-PREFERENCES = {"num_prompts": None, "temperature": 2.0, "max_new_tokens": 6, "num_clips": 3, "caption_max_new_tokens": 4,
-               "min_margin": 0.0, "max_resample": 1, "batch_size": 4, "shard_size": 2}
+PREFERENCES = {"num_prompts": None, "pairs_per_prompt": 1, "temperature": 2.0, "max_new_tokens": 6,
+               "num_clips": 3, "caption_max_new_tokens": 4, "min_margin": 0.0, "max_resample": 1,
+               "batch_size": 4, "shard_size": 2}
 RM = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,
       "epochs": 2.0, "batch_size": 1, "heldout": 1, "save_steps": 100}
 PPO = {"policy_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 1.0e-3,

@@ -80,10 +80,15 @@ def stage_params(**overrides):
 
 def test_the_stage_judges_every_prompt_and_writes_the_reward_models_format(built, monkeypatch):
     monkeypatch.chdir(built)
-    counts = run(stage_params(), model_dir=Path("artifacts/base"), progress=False)
+    counts = run(stage_params(pairs_per_prompt=2), model_dir=Path("artifacts/base"), progress=False)
     judged = json.loads((OUT / "judged.json").read_text())
-    assert counts["prompts"] == len(judged) == 4
-    assert counts["kept"] + sum(counts["dropped"].values()) == 4
+    assert counts["prompts"] == 4 and counts["pairs"] == len(judged) == 8
+    assert counts["kept"] + sum(counts["dropped"].values()) == 8
+    assert counts["prompts_kept"] == len({r["uid"] for r in judged if r["dropped"] is None})
+    # each prompt's two pairs side by side, drawn apart
+    pairs = [(r["uid"], r["pair"]) for r in judged]
+    assert pairs == [(r["uid"], k) for r in judged[::2] for k in (0, 1)]
+    assert any(a["output_1"] != b["output_1"] for a, b in zip(judged[::2], judged[1::2]))
     assert any(r["judge"] for r in judged)
     for r in judged:
         if r["dropped"] == "identical":

@@ -28,7 +28,7 @@ def tiny_path(tmp_path_factory) -> Path:
     return build_tiny_model(TINY_VLM, TINY_CORPUS, tmp_path_factory.mktemp("rm") / "model", seed=0)
 
 
-def _reward_model(path: Path, seed: int = 0) -> tuple[rm.RewardModel, object]:
+def _reward_model(path: Path, seed: int = 0, reading: str = "head"):
     """A fresh reward model on the tiny VLM, its adapter moved off the identity so it counts."""
     model, processor = load_model_and_processor(path)
     backbone = add_lora(model, LORA)
@@ -37,7 +37,7 @@ def _reward_model(path: Path, seed: int = 0) -> tuple[rm.RewardModel, object]:
         for name, p in backbone.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    return rm.RewardModel(backbone), processor
+    return rm.RewardModel(backbone, reading=reading, scale=10.0), processor
 
 
 def _videos(n: int) -> list[np.ndarray]:
@@ -84,6 +84,43 @@ def test_the_head_reads_the_last_real_token_with_left_or_right_padding(tiny_path
         assert reward_model(**inputs).item() != pytest.approx(alone[0], abs=1e-4)
 
 
+def test_the_response_is_the_last_assistant_turn():
+    masks = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 0, 0], [0] * 8])
+    assert rm.response_mask(masks).int().tolist() == [
+        [0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]]
+
+
+def test_the_likelihood_reading_is_the_responses_log_ratio_against_the_frozen_base(tiny_path):
+    reward_model, processor = _reward_model(tiny_path, reading="likelihood")
+    videos = _videos(2)
+    earlier = [*_ask("What happens?"), {"from": "gpt", "value": "A circle moves."},
+               {"from": "human", "value": "And then?"}]
+    asked = [earlier, _ask("What colour?")]
+    responses = ["A red square enters from the left.", "Green."]
+    rewards = rm.score(reward_model, processor, videos, asked, responses, batch_size=2)
+    rows = [rm.reward_conversation(p, r) for p, r in zip(asked, responses)]
+    inputs = build_inputs(processor, videos, rows, add_generation_prompt=False,
+                          assistant_masks=True)
+    turns = inputs.pop("assistant_masks")
+    mask = rm.response_mask(turns)[:, 1:].float()
+    assert turns[0].sum() > mask[0].sum() > 0  # the earlier answer is not scored
+
+    def mean_logprob() -> torch.Tensor:
+        logits = reward_model.backbone(**inputs).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
+        return (logp * mask).sum(1) / mask.sum(1)
+
+    with torch.no_grad():
+        tuned = mean_logprob()
+        with reward_model.backbone.disable_adapter():
+            base = mean_logprob()
+    assert (tuned - base).abs().min() > 1e-3  # the adapter counts: zero rewards would pass anything
+    torch.testing.assert_close(rewards, 10.0 * (tuned - base), rtol=1e-4, atol=1e-4)
+    alone = torch.cat([rm.score(reward_model, processor, [v], [p], [r])
+                       for v, p, r in zip(videos, asked, responses)])
+    torch.testing.assert_close(alone, rewards, rtol=1e-4, atol=1e-4)  # padding changes nothing
+
+
 def test_save_and_load_give_identical_rewards(tiny_path, tmp_path):
     reward_model, processor = _reward_model(tiny_path, seed=3)
     with torch.no_grad():
@@ -128,6 +165,12 @@ def test_held_out_split_is_a_share_or_a_count_and_never_empties_training():
         rm.split_heldout(records, 40, seed=0)
     with pytest.raises(ValueError, match="reward_model.heldout 2.5: from 1 up it is a count"):
         rm.split_heldout(records, 2.5, seed=0)
+    # three pairs per prompt: a prompt's pairs stay together, the count met by whole prompts
+    train, held = rm.split_heldout(records, 0.25, seed=1, prompt=lambda r: r // 3)
+    assert len(held) in (12, 13, 14) and sorted(train + held) == records
+    assert not {r // 3 for r in train} & {r // 3 for r in held}
+    with pytest.raises(ValueError, match="40 preference pairs of 2 prompts leave nothing"):
+        rm.split_heldout(records, 21, seed=0, prompt=lambda r: r // 20)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -155,7 +198,8 @@ def test_the_stage_trains_saves_and_scores_every_judged_pair(staged, tmp_path):
     rewards = rm.run(params, preferences=prefs, policy=Path("artifacts/base"), out=out, progress=False)
     split = json.loads((out / "split.json").read_text())
     assert len(split["heldout"]) == 1 and len(split["train"]) == len(judged) - 2
-    assert set(split["train"] + split["heldout"]) == {r["uid"] for r in judged if r["dropped"] is None}
+    kept = {rm.pair_key(r) for r in judged if r["dropped"] is None}
+    assert set(split["train"] + split["heldout"]) == kept
     assert split["total_steps"] == 3 * (len(judged) - 2)  # three epochs of batch 1
     saved = json.loads((out / "rewards.json").read_text())
     assert saved["uids"] == [r["uid"] for r in judged] and np.allclose(saved["rewards"], rewards, atol=1e-6)
@@ -223,7 +267,8 @@ def test_reward_quality_counts_against_the_oracle(built):
     judged = hand_judged(built)
     n = len(judged)
     right = np.array([[1.0, 0.0] if r["preference"] == 1 else [0.0, 1.0] for r in judged])
-    split = {"train": [judged[0]["uid"]], "heldout": [judged[1]["uid"]]}
+    judged[1] |= {"uid": judged[0]["uid"], "pair": 1}  # two pairs of one prompt are counted apart
+    split = {"train": [rm.pair_key(judged[0])], "heldout": [rm.pair_key(judged[1])]}
     good = rm.reward_quality(judged, right, split, scenes)
     assert good["pairs"] == {"train": 1, "heldout": 1, "unkept": n - 2}
     assert good["heldout"]["ai"]["accuracy"] == good["heldout"]["oracle"]["accuracy"] == 1.0
@@ -246,11 +291,12 @@ def test_the_reward_model_can_sit_on_another_base_than_the_policy(staged, tmp_pa
     assert rm.load_reward_model(out)[0].backbone.peft_config["default"].base_model_name_or_path == str(other)
 
 
+@pytest.mark.parametrize("reading", rm.READINGS)
 def test_the_reward_model_learns_a_preference_it_then_applies_to_pairs_it_did_not_train_on(
-        built, monkeypatch, tmp_path):
+        built, monkeypatch, tmp_path, reading):
     """Every answer of the tiny world's SFT data against itself in capitals, the plain one
     preferred: a rule the untrained base's tokens can carry. Held-out pairs go from chance
-    to ranked."""
+    to ranked, whichever way the reward is read."""
     monkeypatch.chdir(built)
     records = [r for name in ("SFT_short.json", "SFT_long.json")
                for r in json.loads((Path("data") / name).read_text())]
@@ -266,12 +312,12 @@ def test_the_reward_model_learns_a_preference_it_then_applies_to_pairs_it_did_no
     prefs.mkdir()
     (prefs / "judged.json").write_text(json.dumps(judged))
     write_records(prefs / "preferences.json", [preference_record(r) for r in judged])
-    settings = STAGE | {"heldout": 0.4, "min_pairs": 1, "epochs": 4.0}
+    settings = STAGE | {"heldout": 0.4, "min_pairs": 1, "epochs": 4.0, "reading": reading}
     params = load_params("params.yaml", overrides={"reward_model": settings})
     out = rm.train(params, preferences=prefs, policy=Path("artifacts/base"), out=tmp_path / "rm",
                    checkpoints=tmp_path / "ckpt")
     held = set(json.loads((out / "split.json").read_text())["heldout"])
-    rows = [r for r in judged if r["uid"] in held]
+    rows = [r for r in judged if rm.pair_key(r) in held]
     assert len(rows) >= 6
 
     def accuracy(reward_model, processor) -> float:
@@ -282,6 +328,7 @@ def test_the_reward_model_learns_a_preference_it_then_applies_to_pairs_it_did_no
 
     base, processor = load_model_and_processor("artifacts/base")
     torch.manual_seed(params.seed)
-    before = accuracy(rm.RewardModel(add_lora(base, params.reward_model.lora)), processor)
+    fresh = rm.RewardModel(add_lora(base, params.reward_model.lora), reading=reading)
+    before = accuracy(fresh, processor)
     after = accuracy(*rm.load_reward_model(out))
-    assert before <= 0.75 and after >= 0.9, (before, after)
+    assert before <= 0.75 and after >= 0.85, (before, after)  # 7 held-out pairs: one may miss

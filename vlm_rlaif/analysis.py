@@ -159,15 +159,22 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 
 def feedback_table(preferences: Mapping, reward_model: Mapping) -> str:
-    """The context ablation that runs in every pipeline: the AI judge's agreement with the oracle
-    with and without clip-caption context, and the reward model trained on its preferences
-    (n/a where there was nothing to measure)."""
-    rows = [[f"judge, {name.replace('_', ' ')}", _number(j["agreement"]), str(j["pairs"]), _number(j["consistency"]), _number(j["kept_fraction"])]
+    """The context ablation that runs in every pipeline: the AI judge's agreement with the
+    oracle with and without clip-caption context, and the reward model trained on its
+    preferences, each on every pair and on the kept ones (n/a where nothing was measured)."""
+    rows = [[f"judge, {name.replace('_', ' ')}", _number(j["agreement"]), str(j["pairs"]),
+             _number(j.get("agreement_kept")), str(j.get("pairs_kept", "")),
+             _number(j["kept_fraction"])]
             for name, j in preferences["judges"].items()]
     oracle = reward_model["oracle"]
-    rows.append(["reward model (on pairs it did not train on)", _number(oracle["reward_model"]["accuracy"]), str(oracle["reward_model"]["pairs"]), "", ""])
-    table = _table(["feedback", "agreement with the oracle", "pairs", "order consistency", "kept"], rows)
-    return table + f"\n\nChance is 0.5. Reward/oracle-score correlation: {_number(oracle['reward_correlation'])}."
+    unseen, held = oracle["reward_model"], reward_model.get("heldout", {}).get("oracle", {})
+    rows.append(["reward model (pairs it did not train on; kept: of held-out prompts)",
+                 _number(unseen["accuracy"]), str(unseen["pairs"]),
+                 _number(held.get("accuracy")), str(held.get("pairs", "")), ""])
+    header = ["feedback", "agreement with the oracle, all pairs", "pairs", "kept pairs", "pairs",
+              "kept share"]
+    correlation = _number(oracle["reward_correlation"])
+    return _table(header, rows) + f"\n\nChance is 0.5. Reward/oracle-score correlation: {correlation}."
 
 
 def score_bars(ax, metrics: Mapping, keys: Sequence[str], labels: Sequence[str], title: str) -> None:

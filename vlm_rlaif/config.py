@@ -273,6 +273,7 @@ class PreferencesConfig:
     """Context-aware AI feedback: two samples, clip captions, the SFT model as judge."""
 
     num_prompts: int | None = field(default=None, metadata=positive())
+    pairs_per_prompt: int = field(default=1, metadata=positive())  # each drawn and judged alone
     temperature: float = field(default=1.0, metadata=positive())
     top_p: float = field(default=1.0, metadata=_check(0, 1, lo_open=True))
     max_new_tokens: int = field(default=512, metadata=positive())
@@ -291,7 +292,8 @@ class PreferencesConfig:
 
 @dataclass
 class RewardModelConfig:
-    """Bradley-Terry reward model: a scalar head on the last token, LoRA on a frozen base."""
+    """Bradley-Terry reward model: LoRA on a frozen base, read by a scalar head on the last
+    token or by the response's likelihood against the base's."""
 
     base: str | None = None
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=64, alpha=16, dropout=0.0))
@@ -306,6 +308,10 @@ class RewardModelConfig:
     centering_coef: float = field(default=1e-3, metadata=non_negative())
     max_length: int = field(default=2048, metadata=positive())
     context_in_instruction: bool = False
+    # "head": the paper's, a linear head on the last token; "likelihood": how much likelier the
+    # tuned model finds the response than its frozen base does, per token, x likelihood_scale
+    reading: Literal["head", "likelihood"] = "head"
+    likelihood_scale: float = field(default=10.0, metadata=positive())
     preferences: Literal["generated", "released"] = "generated"  # released: data.preference_file's pairs
     load_in_4bit: bool = False  # the reward model's own base (`base` set) in nf4, in training and wherever it scores
     gradient_checkpointing: bool = False

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from vlm_rlaif import prompts
 from vlm_rlaif.data import PLACEHOLDER
 from vlm_rlaif.generation import with_features
-from vlm_rlaif.logprobs import token_logprobs
+from vlm_rlaif.logprobs import mean_logprob_per_row
 from vlm_rlaif.modeling import build_inputs
 
 
@@ -193,16 +193,11 @@ def answer_likelihoods(
                              for q, r in zip(questions[start:stop], responses[start:stop])]
             inputs = build_inputs(processor, list(videos[start:stop]), conversations,
                                   add_generation_prompt=False, assistant_masks=True).to(model.device)
-            mask = inputs.pop("assistant_masks")[:, 1:].bool()
+            mask = inputs.pop("assistant_masks")
             kwargs = with_features(inputs, features[start:stop]) if features is not None else dict(inputs)
-            hidden = model.model(**kwargs).last_hidden_state[:, :-1]
-            mask = mask.to(hidden.device)
-            targets = kwargs["input_ids"][:, 1:].to(hidden.device)
-            # only the answer rows go through the head: most rows of a judged pair are video
-            logp, _ = token_logprobs(hidden[mask], model.get_output_embeddings().weight, targets[mask])
-            rows = mask.nonzero()[:, 0]
-            sums = torch.zeros(len(mask), dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
-            scores.extend((sums / mask.sum(1).clamp(min=1)).tolist())
+            hidden = model.model(**kwargs).last_hidden_state
+            weight = model.get_output_embeddings().weight
+            scores.extend(mean_logprob_per_row(hidden, weight, kwargs["input_ids"], mask).tolist())
     finally:
         model.train(was_training)
     return scores

@@ -175,3 +175,15 @@ def labelled_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return -liger_fused_linear_cross_entropy(rows, weight, wanted, reduction="sum"), keep.sum()
     logp, _ = token_logprobs(rows, weight, wanted, chunk_rows=chunk_rows, backend="torch" if backend == "liger" else backend)
     return logp.sum(), keep.sum()
+
+
+def mean_logprob_per_row(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """[B] mean log p(token) over each row's masked tokens (`mask` [B, L] marks the tokens
+    scored, e.g. a response), from hidden states [B, L, H]; only those rows meet the head."""
+    keep = mask[:, 1:].bool().to(hidden.device)  # the state before a token predicts it
+    logp, _ = token_logprobs(hidden[:, :-1][keep], weight, input_ids[:, 1:].to(hidden.device)[keep])
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(len(keep), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    return sums / keep.sum(1).clamp(min=1)
+

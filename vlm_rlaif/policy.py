@@ -31,7 +31,9 @@ from vlm_rlaif.config import Params
 from vlm_rlaif.generation import encode_video_list, with_features
 from vlm_rlaif.logprobs import token_logprobs
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
-from vlm_rlaif.reward_model import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, RewardModel, in_4bit, load_reward_model, score
+from vlm_rlaif.reward_model import (
+    ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, RewardModel, in_4bit, load_reward_model, reading_of, score,
+)
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
 TOKEN_TYPES = {"mm_token_type_ids", "token_type_ids"}  # per-token inputs beside the ids (Qwen2.5-VL: which are the video's)
@@ -177,7 +179,8 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
         model.load_adapter(reward / ADAPTER_DIR, adapter_name=VALUE, is_trainable=True)
         model.load_adapter(reward / ADAPTER_DIR, adapter_name=REWARD, is_trainable=False)
         value_head.linear.load_state_dict(reward_head.state_dict())
-        reward_model, reward_processor = RewardModel(model, reward_head), processor
+        reward_model = RewardModel(model, reward_head, **reading_of(saved))
+        reward_processor = processor
     else:
         model.add_adapter(VALUE, copy.deepcopy(model.peft_config[POLICY]))
         nn.init.zeros_(value_head.linear.weight)

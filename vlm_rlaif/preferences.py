@@ -120,12 +120,16 @@ def prefer_shard(
     video_root: str | os.PathLike,
     num_frames: int,
 ) -> tuple[list[dict], int]:
-    """Context-aware AI feedback on one shard of prompts: two responses each, the clip
-    captions of each video (and its whole-video description, to compare them with), and the
-    judge's verdict in both orders with the context and without it (the ablation costs one
-    forward pass per order). Returns one judged record per prompt, `dropped` naming why a
-    pair is not kept, and how many pairs were drawn again."""
+    """Context-aware AI feedback on one shard of prompts: `pairs_per_prompt` pairs of
+    responses each, the clip captions of each video (and its whole-video description, to
+    compare them with), and the judge's verdict in both orders with the context and without
+    it (the ablation costs one forward pass per order). Returns one judged record per pair
+    ("pair": its number within the prompt), `dropped` naming why a pair is not kept, and how
+    many pairs were drawn again."""
     media, video_of = distinct_media(shard, video_root)
+    # a prompt's pairs side by side
+    shard = [prompt for prompt in shard for _ in range(cfg.pairs_per_prompt)]
+    video_of = [v for v in video_of for _ in range(cfg.pairs_per_prompt)]
     videos = [load_video(source, num_frames) for source in media]
     features = encode_video_list(model, processor, videos, cfg.batch_size)
     pairs = sample_pairs(
@@ -159,6 +163,7 @@ def prefer_shard(
     for i, prompt in enumerate(shard):
         first, second = pairs.responses[i] or (None, None)
         records.append(prompt.to_dict() | {
+            "pair": i % cfg.pairs_per_prompt,
             "output_1": {"value": first}, "output_2": {"value": second}, "preference": None, "margin": None,
             "judge": None, "dropped": "identical",
             "context": captions[video_of[i]], "description": descriptions[video_of[i]],
@@ -189,8 +194,8 @@ def preference_record(judged: Mapping) -> PreferenceRecord:
 def run(params: Params, *, progress: bool = True, **paths: Path) -> dict:
     """The preferences stage: `judge_prompts` (with `paths` in place of its default paths) in
     this process, or in `preferences.num_processes` processes (each judges every n-th shard;
-    the draws are the same either way); returns the counts: prompts, pairs drawn again, kept,
-    and dropped per reason."""
+    the draws are the same either way); returns the counts: prompts, pairs drawn, pairs drawn
+    again, pairs kept, prompts with a pair kept, and pairs dropped per reason."""
     stage.launch(params, "preferences", params.preferences.num_processes, progress=progress, **paths)
     return io.read_json(paths.get("out", OUT) / "counts.json")
 
@@ -241,7 +246,9 @@ def judge_prompts(
     out.mkdir(parents=True, exist_ok=True)
     io.write_json(out / "judged.json", judged)
     write_records(out / "preferences.json", kept)
-    counts = {"prompts": len(judged), "resampled": sum(s["resampled"] for s in written), "kept": len(kept)}
+    resampled = sum(s["resampled"] for s in written)
+    counts = {"prompts": len(rl_prompts), "pairs": len(judged), "resampled": resampled,
+              "kept": len(kept), "prompts_kept": len({r.extra.get("uid") for r in kept})}
     counts["dropped"] = {reason: sum(r["dropped"] == reason for r in judged) for reason in DROP_REASONS}
     io.write_json(out / "counts.json", counts)
 

@@ -1,9 +1,14 @@
 """The reward model: a video LMM that reads a response and returns one number.
 
 It sees the conversation, the response as the assistant's turn, and then an evaluation
-instruction (`prompts/reward.txt`) asking it to rate that response; the hidden state of the
-input's last token goes through a linear head (bias zero at the start) to the reward. The
-backbone is a fresh LoRA adapter on a frozen base: the SFT model by default, or the model
+instruction (`prompts/reward.txt`) asking it to rate that response. Two readings
+(`reward_model.reading`). "head", the paper's: the hidden state of the input's last token
+goes through a linear head (bias zero at the start) to the reward. "likelihood": the reward
+is how much likelier the tuned model finds the response than its frozen base does (mean
+log-probability ratio per token, times `likelihood_scale`): a small model from scratch learns
+its preferences through the token probabilities it already has, where a head on one state
+learns little from a thousand pairs (README). The backbone is a fresh LoRA adapter on a
+frozen base: the SFT model by default, or the model
 `reward_model.base` names (the paper scores its 7B policy with a 13B reward model). Trained on
 the AI preferences with the Bradley-Terry loss plus a small term that keeps the rewards
 centred on zero (PAPER.md), through transformers' `Trainer`, checkpointing only the adapter
@@ -32,6 +37,7 @@ from vlm_rlaif.config import ConfigError, Params, RewardModelConfig, transformer
 from vlm_rlaif.data import PreferenceRecord, RLPrompt, read_preferences
 from vlm_rlaif.errors import InputError
 from vlm_rlaif.generation import distinct_media, encode_video_list, with_features
+from vlm_rlaif.logprobs import mean_logprob_per_row
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor, save_processor
 from vlm_rlaif.verdict import accuracy_against
 from vlm_rlaif.video import FrameCache, load_video
@@ -42,6 +48,7 @@ PREFERENCES = Path("artifacts/preferences")
 HEAD_FILE = "reward_head.safetensors"
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "reward_model.json"
+READINGS = ("head", "likelihood")
 
 
 class TooFewPairs(InputError):
@@ -75,12 +82,36 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, centering_coef
     return F.binary_cross_entropy_with_logits(margin, torch.ones_like(margin)) + centering_coef * (chosen + rejected).mean().abs()
 
 
-class RewardModel(nn.Module):
-    """A backbone (a LLaVA-style model, LoRA-wrapped or not) and a scalar head in float32."""
+def reward_inputs(processor: ProcessorMixin, videos: list[np.ndarray],
+                  conversations: list[list[dict]], reading: str) -> dict:
+    """`build_inputs` for a reading: the likelihood reading also gets the response's tokens."""
+    likelihood = reading == "likelihood"
+    batch = dict(build_inputs(processor, videos, conversations, add_generation_prompt=False,
+                              assistant_masks=likelihood))
+    if likelihood:
+        batch["response_mask"] = response_mask(batch.pop("assistant_masks"))
+    return batch
 
-    def __init__(self, backbone: PreTrainedModel, head: nn.Linear | None = None):
+
+def response_mask(assistant_masks: torch.Tensor) -> torch.Tensor:
+    """[B, L] the last assistant turn of each row (the response scored; earlier turns of a
+    multi-turn prompt are left out) from `build_inputs`' assistant masks."""
+    mask = assistant_masks.bool()
+    starts = mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+    turn = starts.long().cumsum(1) * mask
+    return mask & (turn == turn.max(1, keepdim=True).values)
+
+
+class RewardModel(nn.Module):
+    """A backbone (a LLaVA-style model, LoRA-wrapped) and a scalar head in float32, read by
+    the head or by the response's likelihood (`reading`, `scale`: reward_model's settings)."""
+
+    def __init__(self, backbone: PreTrainedModel, head: nn.Linear | None = None, *,
+                 reading: str = "head", scale: float = 1.0):
         super().__init__()
-        self.backbone = backbone
+        if reading not in READINGS:
+            raise ValueError(f"reward model reading {reading!r}; known: {', '.join(READINGS)}")
+        self.backbone, self.reading, self.scale = backbone, reading, scale
         hidden = backbone.config.get_text_config().hidden_size
         if head is None:
             head = nn.Linear(hidden, 1)
@@ -102,11 +133,23 @@ class RewardModel(nn.Module):
         """What Trainer calls for `reward_model.gradient_checkpointing`: the backbone recomputes."""
         self.backbone.activation_checkpointing_enable(**kwargs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
-        """One reward per row, from the hidden state of its last real token."""
-        hidden = self._body()(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        return self.head(last.float()).squeeze(-1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+        """One reward per row: the head on its last real token's state, or the likelihood
+        reading over the tokens `response_mask` marks."""
+        inputs |= {"input_ids": input_ids, "attention_mask": attention_mask}
+        hidden = self._body()(**inputs).last_hidden_state
+        if self.reading == "head":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return self.head(hidden[rows, last_token_index(attention_mask)].float()).squeeze(-1)
+        if response_mask is None:
+            raise ValueError("the likelihood reading needs the response's tokens (response_mask)")
+        weight = self.backbone.get_output_embeddings().weight
+        tuned = mean_logprob_per_row(hidden, weight, input_ids, response_mask)
+        with torch.no_grad(), self.backbone.disable_adapter():
+            frozen = self._body()(**inputs).last_hidden_state
+            base = mean_logprob_per_row(frozen, weight, input_ids, response_mask)
+        return self.scale * (tuned - base)
 
 
 @torch.no_grad()
@@ -137,9 +180,10 @@ def score(
     try:
         for start in tqdm(range(0, rows, batch_size), desc="rewards", disable=not progress):
             stop = start + batch_size
-            inputs = build_inputs(processor, list(videos[start:stop]), conversations[start:stop], add_generation_prompt=False)
-            inputs = inputs.to(reward_model.device)
-            kwargs = with_features(inputs, features[start:stop]) if features is not None else dict(inputs)
+            inputs = reward_inputs(processor, list(videos[start:stop]), conversations[start:stop],
+                                   reward_model.reading)
+            inputs = {k: v.to(reward_model.device) for k, v in inputs.items()}
+            kwargs = with_features(inputs, features[start:stop]) if features is not None else inputs
             rewards.append(reward_model(**kwargs).float().cpu())
     finally:
         reward_model.train(was_training)
@@ -168,7 +212,10 @@ def save_reward_model(reward_model: RewardModel, out: Path, base: str | os.PathL
     needs only the folder's path."""
     save_weights(reward_model, out)
     save_processor(base, out / ADAPTER_DIR)
-    io.write_json(out / CONFIG_FILE, {"base": str(base), "hidden_size": reward_model.head.in_features})
+    io.write_json(out / CONFIG_FILE, {
+        "base": str(base), "hidden_size": reward_model.head.in_features,
+        "reading": reward_model.reading, "scale": reward_model.scale,
+    })
 
 
 def load_reward_model(path: str | os.PathLike, *, dtype: str = "float32", load_in_4bit: bool = False) -> tuple[RewardModel, ProcessorMixin]:
@@ -184,7 +231,12 @@ def load_reward_model(path: str | os.PathLike, *, dtype: str = "float32", load_i
     backbone = PeftModel.from_pretrained(model, path / ADAPTER_DIR)
     head = nn.Linear(saved["hidden_size"], 1)
     head.load_state_dict(load_file(path / HEAD_FILE))
-    return RewardModel(backbone, head).eval(), processor
+    return RewardModel(backbone, head, **reading_of(saved)).eval(), processor
+
+
+def reading_of(saved: Mapping) -> dict:
+    """How a saved reward model is read (a model saved before readings existed has a head)."""
+    return {"reading": saved.get("reading", "head"), "scale": saved.get("scale", 1.0)}
 
 
 # --------------------------------------------------------------------------- training
@@ -196,9 +248,10 @@ def in_4bit(params: Params) -> bool:
     return params.reward_model.load_in_4bit if params.reward_model.base else params.base.load_in_4bit
 
 
-def split_heldout(records: Sequence[PreferenceRecord], heldout: float, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
-    """(train, held out): `heldout` below 1 is a share of the pairs, from 1 up a count (the
-    paper holds out 500); at least one pair on each side."""
+def split_heldout(records: Sequence, heldout: float, seed: int, prompt=None) -> tuple[list, list]:
+    """(train, held out), a prompt's pairs on one side (`prompt` names a record's prompt; each
+    record is its own without it): `heldout` below 1 is a share of the pairs, from 1 up a
+    count (the paper holds out 500), met by whole prompts; at least one pair on each side."""
     n = len(records)
     if heldout >= 1 and heldout != int(heldout):
         raise ValueError(f"reward_model.heldout {heldout}: from 1 up it is a count of pairs and must be whole")
@@ -206,8 +259,25 @@ def split_heldout(records: Sequence[PreferenceRecord], heldout: float, seed: int
     count = max(1, count)
     if n - count < 1:
         raise ValueError(f"reward_model.heldout {heldout}: {n} preference pairs leave nothing to train on after holding out {count}")
-    held = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+    groups: dict = {}
+    for i, record in enumerate(records):
+        groups.setdefault(i if prompt is None else prompt(record), []).append(i)
+    members = list(groups.values())
+    held: set[int] = set()
+    for g in np.random.default_rng(seed).permutation(len(members)):
+        if len(held) >= count:
+            break
+        held.update(members[g])
+    if len(held) == n:
+        raise ValueError(f"reward_model.heldout {heldout}: {n} preference pairs of {len(members)} "
+                         "prompts leave nothing to train on")
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def pair_key(record: PreferenceRecord | Mapping) -> str:
+    """A judged pair's name: its prompt's uid and its number among that prompt's pairs."""
+    extra = record.extra if isinstance(record, PreferenceRecord) else record
+    return f"{extra.get('uid')}:{extra.get('pair', 0)}"
 
 
 def _context(record: PreferenceRecord | Mapping, wanted: bool, uid: object) -> list[str] | None:
@@ -235,7 +305,7 @@ class PairCollator:
                                 _context(r, self.cfg.context_in_instruction, r.extra.get("uid", "?")))
             for side in ("chosen", "rejected") for r in records
         ]
-        batch = dict(build_inputs(self.processor, videos + videos, rows, add_generation_prompt=False))
+        batch = reward_inputs(self.processor, videos + videos, rows, self.cfg.reading)
         if batch["input_ids"].shape[1] > self.cfg.max_length:
             uids = [r.extra.get("uid", "?") for r in records]
             raise ValueError(f"preference pairs (uids {uids}): {batch['input_ids'].shape[1]} tokens exceed reward_model.max_length "
@@ -293,7 +363,8 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
     if len(records) < cfg.min_pairs:
         raise TooFewPairs(f"{pairs_file}: {len(records)} preference pairs, fewer than reward_model.min_pairs "
                           f"({cfg.min_pairs}); the judge kept too few (reports/metrics/preferences.json)")
-    train_set, heldout = split_heldout(records, cfg.heldout, params.seed)
+    train_set, heldout = split_heldout(records, cfg.heldout, params.seed,
+                                       prompt=lambda r: r.extra.get("uid", id(r)))
     base = cfg.base or policy  # the paper's reward model sits on a larger SFT model than its policy
 
     state = stage.processes()
@@ -327,7 +398,8 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
 
     model, processor = load_model_and_processor(base, dtype=params.base.dtype, load_in_4bit=in_4bit(params))
     set_seed(params.seed)  # the adapter's and the head's initial weights are drawn: the same in every run
-    reward_model = RewardModel(modeling.add_lora(model, cfg.lora))
+    reward_model = RewardModel(modeling.add_lora(model, cfg.lora), reading=cfg.reading,
+                               scale=cfg.likelihood_scale)
     trainer = RewardTrainer(
         model=reward_model, args=args, train_dataset=train_set, centering_coef=cfg.centering_coef,
         data_collator=PairCollator(processor, params.data.video_root, params.data.num_frames, cfg),
@@ -340,7 +412,8 @@ def train(params: Params, preferences: Path = PREFERENCES, policy: Path = Path("
             save_reward_model(reward_model, tmp, base)
             io.write_json(tmp / "log_history.json", io.stable_log(trainer.state.log_history))
             io.write_json(tmp / "split.json", {
-                "train": [r.extra.get("uid") for r in train_set], "heldout": [r.extra.get("uid") for r in heldout],
+                "train": [pair_key(r) for r in train_set],
+                "heldout": [pair_key(r) for r in heldout],
                 "total_steps": trainer.state.global_step,
             })
     state.wait_for_everyone()
@@ -384,17 +457,17 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
 def reward_quality(judged: Sequence[Mapping], rewards: np.ndarray, split: Mapping[str, list], scenes: Mapping[str, Mapping] | None) -> dict:
     """How the reward model ranks pairs it did not train on. `judged` are the preferences
     stage's judged records (those with a verdict), `rewards` their [N, 2] rewards, `split`
-    the uids it trained on and held out. Held-out pairs are scored against their AI label;
-    pairs the judge dropped against its averaged verdict; both against the oracle where the
-    world has one, next to the judge's own agreement on the same pairs, with the correlation
-    of rewards (and of reward margins within a pair) with the oracle's scores."""
+    the pairs (`pair_key`) it trained on and held out. Held-out pairs are scored against
+    their AI label; pairs the judge dropped against its averaged verdict; both against the
+    oracle where the world has one, next to the judge's own agreement on the same pairs, with
+    the correlation of rewards (and of reward margins within a pair) with the oracle's scores."""
     from vlm_rlaif.preferences import oracle_scores, oracle_verdict
 
     if len(judged) != len(rewards):
         raise ValueError(f"reward_quality: {len(judged)} judged records, {len(rewards)} reward pairs")
     trained, heldout = set(split["train"]), set(split["heldout"])
-    held = [i for i, r in enumerate(judged) if r["uid"] in heldout]
-    unkept = [i for i, r in enumerate(judged) if r["uid"] not in trained | heldout]
+    held = [i for i, r in enumerate(judged) if pair_key(r) in heldout]
+    unkept = [i for i, r in enumerate(judged) if pair_key(r) not in trained | heldout]
     winners = {i: 1 if rewards[i, 0] > rewards[i, 1] else 2 for i in range(len(judged))}
     ai = {i: r["preference"] for i, r in enumerate(judged)}
     quality = {

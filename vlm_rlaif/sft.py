@@ -6,10 +6,11 @@ crash anywhere resumes from the last checkpoint); `sft.curriculum: false` shuffl
 together for the ablation. `sft.replay_share` draws part of the hard stage from the easy
 split again: a language model trained from scratch otherwise forgets to stop after a short
 answer (a 7B LLM keeps that from pretraining; zero in the paper profile). The embedded
-default also mixes the world's clip-caption and judge examples into the hard stage
-(`caption_share`, `judge_share` of it), and asks hard examples again with their clip captions
-opening the question (`context_share`): the abilities the preferences stage asks of the SFT
-model, which a pretrained LLM brings at paper scale. Each stage warms up and decays its own
+default also mixes the world's clip-caption examples (and, for the label-reading judge, its
+A/B judge examples) into the hard stage (`caption_share`, `judge_share` of it), and asks hard
+examples again with their clip captions opening the question (`context_share`): the
+abilities the preferences stage asks of the SFT model, which a pretrained LLM brings at
+paper scale. Each stage warms up and decays its own
 learning rate, as two SFT runs would: under one schedule the hard stage would sit in its
 tail, at a rate too low to teach anything new. And it packs each video's questions into one
 conversation (`pack_turns`) and passes over the easy split many times (`easy_epochs`):
