@@ -1,5 +1,6 @@
 """The analysis tables: our rows beside the paper's published ones, and the README's copy of them."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,26 @@ def test_the_feedback_table_says_n_a_where_nothing_was_measured():
     assert "| judge, context | n/a | 0 | n/a |  | 1.000 |" in table
     assert table.endswith("correlation: n/a.")
     assert "| reward model (pairs it did not train on; kept: of held-out prompts) | n/a | 0 | n/a |" in table
+
+
+def test_a_saved_ablation_is_a_row_beside_the_pipelines_chain(tmp_path):
+    def chain(judge: str, agreement: float) -> dict:
+        return {"preferences": {"counts": {"prompts": 400, "prompts_kept": 250},
+                                "judges": {judge: {"agreement": agreement, "agreement_kept": 0.8}}},
+                "reward_model": {"oracle": {"reward_model": {"accuracy": 0.6}},
+                                 "heldout": {"oracle": {"accuracy": 0.7}}},
+                "evaluate": metrics([0, 1])}
+    runs = {"pipeline": chain("context", 0.75), "no_context": chain("no_context", 0.65)}
+    for stem, value in runs["pipeline"].items():
+        analysis.io.write_json(tmp_path / "metrics" / f"{stem}.json", value)
+    saved = analysis.save_ablation("no_context", metrics=tmp_path / "metrics", out=tmp_path / "abl")
+    for stem, value in runs["no_context"].items():  # the experiment's chain, kept under its name
+        analysis.io.write_json(saved / f"{stem}.json", value)
+    read = analysis.chain_runs(tmp_path / "metrics", tmp_path / "abl")
+    assert read == json.loads(json.dumps(runs))  # as JSON keeps them
+    table = analysis.ablation_table(read)
+    assert "| pipeline | context | 0.750 / 0.800 | 250 / 400 | 0.700 | 0.600 | +0.200" in table
+    assert "| no context | no context | 0.650 / 0.800 |" in table
+    assert "1.00 -> 1.00 | 2.05 -> 3.05 |" in table
+    with pytest.raises(FileNotFoundError, match=r"none/preferences.json does not exist"):
+        analysis.save_ablation("x", metrics=tmp_path / "abl" / "none", out=tmp_path / "abl")

@@ -51,6 +51,35 @@ def test_policy_value_and_reward_share_one_base(trained, monkeypatch):
     assert minibatch.responses.shape == (1, int(batch.mask[1].sum())) and minibatch.texts == batch.texts[1:]
 
 
+def test_a_likelihood_reward_is_earned_token_by_token(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    reading = load_params("params.yaml", overrides={
+        "reward_model": RM | {"reading": "likelihood", "epochs": 1.0},
+        "ppo": PPO | {"token_rewards": True}})
+    rm.train(reading, preferences=Path("ppo_prefs"), policy=Path("artifacts/base"),
+             out=tmp_path / "rm", checkpoints=tmp_path / "rm_ckpt")
+    models = policy.load(reading, sft=Path("artifacts/base"), reward=tmp_path / "rm")
+    prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records[:2]
+    batch = rollout.collect(models, prompts, reading.ppo, kl_coef=0.1, batch_size=2,
+                            video_root=params.data.video_root, num_frames=params.data.num_frames)
+    # the reward model on its own, reading the very tokens sampled, gives each response's reward
+    standalone, processor = rm.load_reward_model(tmp_path / "rm")
+    kwargs, width = models._sequences(batch.prompts, batch.features, batch.responses, batch.mask,
+                                      batch.videos)
+    with torch.no_grad():
+        alone = standalone(**kwargs, response_mask=torch.nn.functional.pad(batch.mask, (width, 0)))
+    torch.testing.assert_close(batch.scores, alone, rtol=1e-4, atol=1e-5)
+    assert batch.scores.abs().min() > 0  # the trained adapter moves every response's likelihood
+    # each token's reward is its own (the fresh policy pays no KL): they sum to the whole
+    assert batch.kl.abs().max() == 0
+    assert (batch.rewards[:, :-1] != 0).any()
+    torch.testing.assert_close(batch.rewards.sum(1), reading.ppo.reward_scale * batch.penalised)
+    # the default reward model's head has no reward per token
+    with pytest.raises(ConfigError, match="ppo.token_rewards: only a reward model that reads"):
+        policy.load(reading, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
+
+
 def test_ppo_trains_logs_and_saves_a_policy_that_peft_loads(trained, monkeypatch, tmp_path):
     root, params = trained
     monkeypatch.chdir(root)

@@ -79,6 +79,17 @@ def test_the_sequence_score_and_its_place_at_the_last_token():
     close(rewards, [[-0.1, -0.2, -0.3 + 20.0, 0.0], [-0.1, -0.1, -0.1, -0.1 - 10.0]])
 
 
+def test_a_score_earned_token_by_token_lands_where_it_was_earned():
+    kl, mask = torch.tensor([[0.1, 0.2, 0.3, 0.4]]), torch.tensor([[1, 1, 1, 0]])
+    earned = torch.tensor([[0.5, -0.2, 0.1, 9.0]])  # nothing is earned after the response
+    rewards = ppo.shaped_rewards(torch.tensor([2.0]), kl, mask, kl_coef=0.1, reward_scale=10.0,
+                                 earned=earned)
+    # 0.4 of the score was earned on the tokens; the other 1.6 (the penalties') at the last
+    close(rewards, [[10 * (0.5 - 0.01), 10 * (-0.2 - 0.02), 10 * (0.1 - 0.03 + 1.6), 0.0]])
+    whole = ppo.shaped_rewards(torch.tensor([2.0]), kl, mask, kl_coef=0.1, reward_scale=10.0)
+    close(rewards.sum(1), whole.sum(1))
+
+
 def test_reward_to_go_sums_what_comes_after():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.0, 0.0, 0.0, 4.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])

@@ -177,6 +177,60 @@ def feedback_table(preferences: Mapping, reward_model: Mapping) -> str:
     return _table(header, rows) + f"\n\nChance is 0.5. Reward/oracle-score correlation: {correlation}."
 
 
+ABLATIONS = Path("reports/ablations")  # each a `dvc exp run`'s metrics, saved by `--save-ablation`
+CHAIN_METRICS = ("preferences", "reward_model", "evaluate")
+
+
+def save_ablation(name: str, metrics: Path = Path("reports/metrics"),
+                  out: Path = ABLATIONS) -> Path:
+    """Keep the metrics an experiment's whole chain wrote, under `out/name`, for the table."""
+    for stem in CHAIN_METRICS:
+        if not (metrics / f"{stem}.json").is_file():
+            raise FileNotFoundError(f"{metrics / stem}.json does not exist; run the chain first")
+    for stem in CHAIN_METRICS:
+        io.write_json(out / name / f"{stem}.json", io.read_json(metrics / f"{stem}.json"))
+    return out / name
+
+
+def chain_runs(metrics: Path = Path("reports/metrics"), ablations: Path = ABLATIONS) -> dict:
+    """The pipeline's own chain ("pipeline") and every saved ablation's, by name."""
+    saved = {f.name: f for f in sorted(ablations.glob("*")) if f.is_dir()}
+    folders = {"pipeline": metrics, **saved}
+    return {name: {stem: io.read_json(folder / f"{stem}.json") for stem in CHAIN_METRICS}
+            for name, folder in folders.items()}
+
+
+def _judge_in_use(preferences: Mapping) -> tuple[str, Mapping]:
+    judges = preferences["judges"]
+    name = "context" if "context" in judges else "no_context"
+    return name.replace("_", " "), judges[name]
+
+
+def ablation_table(runs: Mapping[str, Mapping]) -> str:
+    """Each chain from its judge to RLAIF: the judge whose verdicts were kept, the reward model
+    trained on them and the policy PPO made of it, all measured by the oracle."""
+    header = ["run", "judge", "agreement: all / kept", "prompts kept", "RM: held-out prompts",
+              "RM: every unseen pair", "RLAIF - SFT precision", "hallucinated facts",
+              "Video-ChatGPT mean"]
+    rows = []
+    for name, run in runs.items():
+        judge_name, judge = _judge_in_use(run["preferences"])
+        counts, oracle = run["preferences"]["counts"], run["reward_model"]["oracle"]
+        held = run["reward_model"]["heldout"].get("oracle", {})
+        target, models = run["evaluate"].get("target") or {}, run["evaluate"]["models"]
+        halluc = (target.get("measures") or {}).get("hallucinated")
+        rows.append([
+            name.replace("_", " "), judge_name,
+            f"{_number(judge['agreement'])} / {_number(judge.get('agreement_kept'))}",
+            f"{counts['prompts_kept']} / {counts['prompts']}",
+            _number(held.get("accuracy")), _number(oracle["reward_model"]["accuracy"]),
+            _gain((target.get("measures") or {}).get("precision")),
+            f"{halluc['sft']:.2f} -> {halluc['rlaif']:.2f}" if halluc else "n/a",
+            f"{models['sft']['mean']['mean']:.2f} -> {models['rlaif']['mean']['mean']:.2f}",
+        ])
+    return _table(header, rows)
+
+
 def score_bars(ax, metrics: Mapping, keys: Sequence[str], labels: Sequence[str], title: str) -> None:
     """Grouped bars, one group per metric and one bar per model, error bars the std over seeds."""
     models = list(metrics["models"])
@@ -283,9 +337,16 @@ def splice(readme: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_rlaif.analysis",
-                                     description="Copy the analysis stage's tables into the README's results section.")
+                                     description="Copy the analysis stage's tables into the "
+                                                 "README's results section, or keep an "
+                                                 "ablation's metrics.")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--save-ablation", metavar="NAME",
+                        help="instead, keep an experiment's chain metrics as ablation NAME")
     args = parser.parse_args(argv)
+    if args.save_ablation:
+        print(save_ablation(args.save_ablation))
+        return 0
     io.write_text(args.readme, splice(args.readme.read_text(), results_block()))
     return 0
 

@@ -358,6 +358,9 @@ class PPOConfig:
     length_penalty_tokens: int = field(default=896, metadata=positive())  # length_penalty per this many
     missing_eos_penalty: float = field(default=8.0, metadata=non_negative())
     reward_scale: float = field(default=10.0, metadata=positive())
+    # a likelihood reward model's log-ratio earned at each token instead of all at the last
+    # (needs reward_model.reading: likelihood on the policy's own base)
+    token_rewards: bool = False
     whiten_rewards: bool = False
     gradient_checkpointing: bool = False  # recompute activations in the backward pass; the updates then run in train mode
     save_steps: int = field(default=10, metadata=positive())

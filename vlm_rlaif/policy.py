@@ -27,7 +27,7 @@ from torch import nn
 from transformers import ProcessorMixin
 
 from vlm_rlaif import io, modeling
-from vlm_rlaif.config import Params
+from vlm_rlaif.config import ConfigError, Params
 from vlm_rlaif.generation import encode_video_list, with_features
 from vlm_rlaif.logprobs import token_logprobs
 from vlm_rlaif.modeling import build_inputs, load_model_and_processor
@@ -154,6 +154,15 @@ class Models:
             hidden = body(**kwargs).last_hidden_state[:, width - 1 : -1]
         return self.value_head(hidden.float())
 
+    def token_rewards(self, rows: Mapping, ref_logprobs: torch.Tensor) -> torch.Tensor:
+        """The likelihood reading per token, [B, R]: the reward adapter's log-probability of each
+        response token minus the reference's, over the response's length, times the scale; a
+        row sums to the reward model's reward of it, read on the tokens sampled."""
+        tuned, _ = self.logprobs(REWARD, **rows)
+        mask = rows["response_mask"].to(tuned.device, tuned.dtype)
+        lengths = mask.sum(1, keepdim=True).clamp(min=1)
+        return self.reward_model.scale * (tuned - ref_logprobs.to(tuned.device)) * mask / lengths
+
     def rewards(self, videos, prompts, responses: Sequence[str], features, batch_size: int) -> torch.Tensor:
         """The reward model's score of each response: through the shared base's reward adapter
         with the rollout's video features, or through its own model."""
@@ -186,6 +195,9 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
         nn.init.zeros_(value_head.linear.weight)
         nn.init.zeros_(value_head.linear.bias)
         reward_model, reward_processor = load_reward_model(reward, dtype=params.base.dtype, load_in_4bit=in_4bit(params))
+    if params.ppo.token_rewards and not (shared and reward_model.reading == "likelihood"):
+        raise ConfigError("ppo.token_rewards: only a reward model that reads likelihood on the "
+                          "policy's base has a reward per token; set ppo.token_rewards: false")
     if params.ppo.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.set_adapter(POLICY)

@@ -1,7 +1,8 @@
 """The mathematics of PPO with a KL penalty, on [batch, response tokens] tensors.
 
 A response's tokens are its actions. The reward model scores the whole response once; that
-score, with the length and missing-EOS penalties, lands on the response's last token, every
+score, with the length and missing-EOS penalties, lands on the response's last token (a
+likelihood reward model's score can instead be earned token by token), every
 token pays the KL penalty to the reference policy (PAPER.md: coefficient 0.1, the k1
 estimator clamped at zero), and the whole shaped reward is scaled (x10, as the release does).
 Advantages come from GAE over the value model's estimates and are whitened over the batch;
@@ -91,11 +92,15 @@ def sequence_score(
 
 
 def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float,
-                   reward_scale: float) -> torch.Tensor:
+                   reward_scale: float, earned: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token rewards: -kl_coef * KL at every response token and the sequence score added at
-    each response's last token, all times `reward_scale`: the release scales the whole shaped
-    reward, so the KL penalty keeps its weight against the score."""
+    each response's last token, all times `reward_scale` (the release scales the whole shaped
+    reward, so the KL penalty keeps its weight). `earned` [B, R], the part of the score each
+    token earned, lands on its token and the rest of the score at the last."""
     rewards = -kl_coef * kl * mask
+    if earned is not None:
+        rewards = rewards + earned * mask
+        score = score - (earned * mask).sum(1)
     last = (mask.sum(1) - 1).clamp(min=0).long()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += score * (mask.sum(1) > 0)

@@ -4,8 +4,10 @@ For a batch of RL prompts: each video encoded once; a response per prompt from t
 (temperature and top_p, PAPER.md); under no gradient the log-probs of its tokens under the
 policy and the reference, the value model's estimates, and the reward model's score; then
 the per-token rewards (KL penalty at every token, the penalised score at the last, all
-scaled), GAE advantages (whitened) and returns. On a fresh run's first rollout the value head
-can be calibrated first: rescaled and shifted onto the returns it is about to learn.
+scaled; with `ppo.token_rewards` the likelihood reading's share of the score lands on the
+token that earned it), GAE advantages (whitened) and returns. On a fresh run's first rollout
+the value head can be calibrated first: rescaled and shifted onto the returns it is about to
+learn.
 """
 
 from __future__ import annotations
@@ -121,14 +123,20 @@ def collect(
     logprobs = _in_batches(lambda **c: models.logprobs(POLICY, **c)[0], n, batch_size, **rows)
     ref_logprobs = _in_batches(lambda **c: models.logprobs(None, **c)[0], n, batch_size, **rows)
     values = _in_batches(models.values, n, batch_size, **rows)
-    scores = models.rewards(videos, asked, texts, features, batch_size)
+    if cfg.token_rewards:
+        earned = _in_batches(lambda ref, **c: models.token_rewards(c, ref), n, batch_size,
+                             ref=ref_logprobs, **rows)
+        scores = earned.sum(1)
+    else:
+        earned, scores = None, models.rewards(videos, asked, texts, features, batch_size)
 
     mask_f = mask.float()
     kl = ppo_math.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask_f
     score = ppo_math.sequence_score(scores, mask.sum(1), ended, length_penalty=cfg.length_penalty,
                                     length_penalty_tokens=cfg.length_penalty_tokens,
                                     missing_eos_penalty=cfg.missing_eos_penalty)
-    rewards = ppo_math.shaped_rewards(score, kl, mask_f, kl_coef=kl_coef, reward_scale=cfg.reward_scale)
+    rewards = ppo_math.shaped_rewards(score, kl, mask_f, kl_coef=kl_coef,
+                                      reward_scale=cfg.reward_scale, earned=earned)
     if cfg.whiten_rewards:
         rewards = ppo_math.whiten(rewards, mask_f, shift_mean=False)
     if calibrate_value:
