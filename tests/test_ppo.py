@@ -80,6 +80,25 @@ def test_a_likelihood_reward_is_earned_token_by_token(trained, monkeypatch, tmp_
         policy.load(reading, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
 
 
+def test_ppo_against_the_oracle_scores_each_answer_by_the_scene(trained, monkeypatch, tmp_path):
+    root, params = trained
+    monkeypatch.chdir(root)
+    exact = dataclasses.replace(params, ppo=dataclasses.replace(params.ppo, reward="oracle",
+                                                                oracle_scale=4.0))
+    oracle = ppo.oracle_reward(exact, Path("artifacts/prepare"))
+    prompts = read_rl_prompts("artifacts/prepare/rl_prompts.json").records[:2]
+    references = [p.conversations[1].value for p in prompts]  # the world's own answers
+    assert oracle(prompts, references).tolist() == [4.0, 4.0]
+    assert oracle(prompts, ["A purple cross and a white diamond leave."] * 2).max() < 4.0
+    models = policy.load(exact, sft=Path("artifacts/base"), reward=Path("ppo_rm"))
+    batch = rollout.collect(models, prompts, exact.ppo, kl_coef=0.1, batch_size=2, oracle=oracle,
+                            video_root=params.data.video_root, num_frames=params.data.num_frames)
+    torch.testing.assert_close(batch.scores, oracle(prompts, batch.texts))
+    (tmp_path / "prepare").mkdir()  # real data: no scene records
+    with pytest.raises(ConfigError, match="ppo.reward: oracle scores the synthetic world only"):
+        ppo.oracle_reward(exact, tmp_path / "prepare")
+
+
 def test_ppo_trains_logs_and_saves_a_policy_that_peft_loads(trained, monkeypatch, tmp_path):
     root, params = trained
     monkeypatch.chdir(root)

@@ -361,6 +361,10 @@ class PPOConfig:
     # a likelihood reward model's log-ratio earned at each token instead of all at the last
     # (needs reward_model.reading: likelihood on the policy's own base)
     token_rewards: bool = False
+    # "oracle": the synthetic world's exact score of each answer instead of the reward model's,
+    # times oracle_scale: how far PPO itself gets when the reward is right
+    reward: Literal["reward_model", "oracle"] = "reward_model"
+    oracle_scale: float = field(default=4.0, metadata=positive())
     whiten_rewards: bool = False
     gradient_checkpointing: bool = False  # recompute activations in the backward pass; the updates then run in train mode
     save_steps: int = field(default=10, metadata=positive())

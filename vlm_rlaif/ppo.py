@@ -25,6 +25,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -124,6 +125,24 @@ def rollout_stats(batch: rollout.Rollout) -> dict[str, float]:
             "response_length": lengths.mean().item(), "eos_rate": batch.ended.float().mean().item()}
 
 
+def oracle_reward(params: Params,
+                  prepared: Path) -> Callable[[list[RLPrompt], list[str]], torch.Tensor]:
+    """`ppo.reward: oracle`: each response scored by the synthetic world's oracle (fact F1 of a
+    description, 1 for a right short answer), times `ppo.oracle_scale`."""
+    from vlm_rlaif.preferences import answer_score
+
+    path = prepared / "scenes.json"
+    if not path.is_file():
+        raise ConfigError(f"ppo.reward: oracle scores the synthetic world only, and {path} does "
+                          "not exist (the data has no scene records)")
+    scenes = io.read_json(path)
+
+    def reward(prompts: list[RLPrompt], responses: list[str]) -> torch.Tensor:
+        scores = [answer_score(p.to_dict(), r, scenes) for p, r in zip(prompts, responses)]
+        return params.ppo.oracle_scale * torch.tensor(scores)
+    return reward
+
+
 def learning_flags(log: list[dict], share: float = 0.25) -> dict:
     """Whether a run learnt, from its log's first and last quarter of rollouts: the critic's
     explained variance (flagged below CRITIC_MIN_EXPLAINED), how far the value loss fell, and
@@ -211,6 +230,7 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
     """PPO from the SFT model against the reward model; the policy adapter and the per-step log to `out`."""
     cfg = params.ppo
     prompts_file = prepared / "rl_prompts.json"
+    oracle = oracle_reward(params, prepared) if cfg.reward == "oracle" else None
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     models = policy.load(params, sft, reward)
@@ -247,7 +267,8 @@ def train(params: Params, prepared: Path = Path("artifacts/prepare"), sft: Path 
         torch.manual_seed(params.seed * 100_003 + step * world + rank)  # each process samples its share of the batch
         batch = rollout.collect(models, [prompts[i] for i in batches[step][rank::world]], cfg, kl_coef=controller.coef,
                                 video_root=params.data.video_root, num_frames=params.data.num_frames,
-                                batch_size=cfg.step_batch_size, calibrate_value=cfg.calibrate_value and step == 0)
+                                batch_size=cfg.step_batch_size, oracle=oracle,
+                                calibrate_value=cfg.calibrate_value and step == 0)
         models.model.train(cfg.gradient_checkpointing)  # layers recompute only in train mode
         updates, value_clip = [], value_clip_range(models, cfg)
         for _ in range(cfg.ppo_epochs):

@@ -270,8 +270,14 @@ def _oracle_inputs(record: Mapping, scenes: Mapping[str, Mapping]) -> tuple[Mapp
 
 def oracle_scores(record: Mapping, scenes: Mapping[str, Mapping]) -> tuple[float, float]:
     """The oracle's score (`evaluation.oracle_score`) of each of a record's two outputs."""
-    first, second = (oracle_score(*_oracle_inputs(record, scenes), record[k]["value"]) for k in ("output_1", "output_2"))
+    first, second = (answer_score(record, record[k]["value"], scenes)
+                     for k in ("output_1", "output_2"))
     return first, second
+
+
+def answer_score(record: Mapping, response: str, scenes: Mapping[str, Mapping]) -> float:
+    """The oracle's score of one response to a record's prompt (an RL prompt or a judged pair)."""
+    return oracle_score(*_oracle_inputs(record, scenes), response)
 
 
 def oracle_verdict(record: Mapping, scenes: Mapping[str, Mapping] | None) -> int | None:

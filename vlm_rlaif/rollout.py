@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -95,9 +95,11 @@ def collect(
     num_frames: int,
     batch_size: int,
     calibrate_value: bool = False,
+    oracle: Callable[[Sequence[RLPrompt], list[str]], torch.Tensor] | None = None,
 ) -> Rollout:
     """A rollout batch for `prompts` (see the module docstring), reproducible under a fixed
-    torch seed; with `calibrate_value`, the value head is calibrated on it first."""
+    torch seed; with `calibrate_value`, the value head is calibrated on it first; `oracle`
+    (prompts, responses) -> rewards scores the responses in the reward model's place."""
     media, video_of = distinct_media(prompts, video_root)
     unique = [load_video(source, num_frames) for source in media]
     encoded = models.encode(unique, batch_size)
@@ -123,7 +125,9 @@ def collect(
     logprobs = _in_batches(lambda **c: models.logprobs(POLICY, **c)[0], n, batch_size, **rows)
     ref_logprobs = _in_batches(lambda **c: models.logprobs(None, **c)[0], n, batch_size, **rows)
     values = _in_batches(models.values, n, batch_size, **rows)
-    if cfg.token_rewards:
+    if oracle is not None:
+        earned, scores = None, oracle(prompts, texts)
+    elif cfg.token_rewards:
         earned = _in_batches(lambda ref, **c: models.token_rewards(c, ref), n, batch_size,
                              ref=ref_logprobs, **rows)
         scores = earned.sum(1)
