@@ -36,7 +36,8 @@ def pipeline_project(root: Path) -> Path:
     make_project(root, merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY))
     for name in ("vlm_rlaif", "notebooks"):
         (root / name).symlink_to(ROOT / name, target_is_directory=True)
-    (root / "reports/notebooks").mkdir(parents=True)  # as in the repo, where git keeps it
+    for kept in ("reports/notebooks", "reports/ablations"):  # as in the repo, where git keeps them
+        (root / kept).mkdir(parents=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=_env())
     return root
 
@@ -81,7 +82,7 @@ def stage_reports(root: Path) -> None:
     main = (root / "reports/tables/main.md").read_text()
     assert main.count("| ours, 2 seeds |") == 3 and main.count("published (paper)") == 4 and " ± " in main
     assert f"{evaluation['target']['gain']:+.4f}" in (root / "reports/tables/oracle_facts.md").read_text()
-    for table in ("zeroshot_qa", "feedback", "samples"):
+    for table in ("zeroshot_qa", "feedback", "ablation", "samples"):
         assert (root / f"reports/tables/{table}.md").read_text().startswith("| ")
     for figure in ("prepare_frame_strips", "base_pretraining", "sft_loss", "preferences_quality", "reward_model", "ppo_curves",
                    "analysis_scores", "analysis_samples"):
