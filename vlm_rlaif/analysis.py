@@ -17,6 +17,7 @@ import numpy as np
 
 from vlm_rlaif import evaluate, io, plots, stage
 from vlm_rlaif.benchmark import DIMENSIONS
+from vlm_rlaif.preferences import JUDGES
 from vlm_rlaif.verdict import MEASURES
 
 LABELS = {"base": "base", "sft": "SFT", "rlaif": "RLAIF (PPO)"}
@@ -201,8 +202,9 @@ def chain_runs(metrics: Path = Path("reports/metrics"), ablations: Path = ABLATI
 
 
 def _judge_in_use(preferences: Mapping) -> tuple[str, Mapping]:
+    """The judge whose verdicts the stage kept: the context one, unless it ran without."""
     judges = preferences["judges"]
-    name = "context" if "context" in judges else "no_context"
+    name = next(j for j in JUDGES if j in judges)
     return name.replace("_", " "), judges[name]
 
 

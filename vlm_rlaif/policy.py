@@ -176,12 +176,15 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
     """The SFT model with a fresh policy adapter (seeded), the value model from the reward
     model, and the reward model itself, shared on one base where it was trained on this one."""
     saved = io.read_json(reward / CONFIG_FILE)
+    shared = Path(saved["base"]).resolve() == Path(sft).resolve()
+    if params.ppo.token_rewards and not (shared and reading_of(saved)["reading"] == "likelihood"):
+        raise ConfigError("ppo.token_rewards: only a reward model that reads likelihood on the "
+                          "policy's base has a reward per token; set ppo.token_rewards: false")
     model, processor = load_model_and_processor(sft, dtype=params.base.dtype, load_in_4bit=params.base.load_in_4bit)
     torch.manual_seed(params.seed)
     model = modeling.add_lora(model, params.ppo.policy_lora)
     reward_head = nn.Linear(saved["hidden_size"], 1)
     reward_head.load_state_dict(load_file(reward / HEAD_FILE))
-    shared = Path(saved["base"]).resolve() == Path(sft).resolve()
     hidden = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden)
     if shared:
@@ -195,9 +198,6 @@ def load(params: Params, sft: Path = Path("artifacts/sft"), reward: Path = Path(
         nn.init.zeros_(value_head.linear.weight)
         nn.init.zeros_(value_head.linear.bias)
         reward_model, reward_processor = load_reward_model(reward, dtype=params.base.dtype, load_in_4bit=in_4bit(params))
-    if params.ppo.token_rewards and not (shared and reward_model.reading == "likelihood"):
-        raise ConfigError("ppo.token_rewards: only a reward model that reads likelihood on the "
-                          "policy's base has a reward per token; set ppo.token_rewards: false")
     if params.ppo.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.set_adapter(POLICY)
