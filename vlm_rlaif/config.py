@@ -67,6 +67,8 @@ class WorldConfig:
     questions_per_video: int = field(default=4, metadata=positive())  # SFT short questions per video
     eval_questions_per_video: int = field(default=4, metadata=positive())
     num_clips: int = field(default=3, metadata=positive())
+    # of the SFT descriptions, those whose writer added an object the video does not show
+    annotator_additions: float = field(default=0.0, metadata=unit())
 
     def validate(self, key: str) -> None:
         if self.num_clips > self.num_frames:

@@ -33,6 +33,7 @@ from vlm_rlaif.io import read_json, write_json, write_jsonl
 from vlm_rlaif.video import resolve_video, safe_join
 
 PLACEHOLDER = "<image>"
+GROUNDED = "grounded"  # an SFT record's answer as its clip captions support it, where that differs
 SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 

@@ -124,7 +124,8 @@ def _video_key(record: SFTRecord) -> str:
 def with_clip_captions(hard: list[SFTRecord], captions: list[SFTRecord]) -> list[SFTRecord]:
     """Each hard example whose video has clip captions, asked again with those captions (in
     clip order) opening the question, as the judge reads them: a language model from
-    scratch must be taught to read a context, which a pretrained LLM already does."""
+    scratch must be taught to read a context, which a pretrained LLM already does. The answer
+    is the record's `grounded` one where it has one: told the captions, say what they support."""
     clips: dict[str, list[str]] = {}
     for record in sorted(captions, key=lambda r: (r.images or [""])[0]):  # clip order
         clips.setdefault(_video_key(record), []).append(record.conversations[-1].value)
@@ -137,8 +138,11 @@ def with_clip_captions(hard: list[SFTRecord], captions: list[SFTRecord]) -> list
         question = first.value.replace(data.PLACEHOLDER, "").strip()
         context = prompts.format_context(clips[key])
         asked = f"{data.PLACEHOLDER}\n{prompts.with_context(question, context)}"
-        out.append(dataclasses.replace(record, id=f"{record.id}_context",
-                                       conversations=[dataclasses.replace(first, value=asked), *rest]))
+        *turns, answer = rest
+        if data.GROUNDED in record.extra:
+            answer = dataclasses.replace(answer, value=record.extra[data.GROUNDED])
+        out.append(dataclasses.replace(record, id=f"{record.id}_context", conversations=[
+            dataclasses.replace(first, value=asked), *turns, answer]))
     return out
 
 

@@ -2,8 +2,9 @@
 
 Videos are folders of PNG frames; the SFT, RL and evaluation files are the release's JSON
 formats (PAPER.md), so the same loaders read this world and the real data. Video i draws its
-scene from the seed sequence [seed, 0, i] and its texts from [seed, 1, i]: a given video is
-the same whatever the split sizes, and the same config writes byte-identical files.
+scene from the seed sequence [seed, 0, i] and its texts from [seed, 1, i] (an SFT description's
+writer's additions from [seed, 3, i]): a given video is the same whatever the split sizes, and
+the same config writes byte-identical files.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from vlm_rlaif import __version__, prompts
 from vlm_rlaif.config import WorldConfig, from_dict
+from vlm_rlaif.data import GROUNDED
 from vlm_rlaif.io import atomic_dir, write_json
 from vlm_rlaif.synthetic.language import (
     clip_ranges,
@@ -26,6 +28,7 @@ from vlm_rlaif.synthetic.language import (
     generic_question,
     short_questions,
     temporal_question,
+    with_unseen_object,
 )
 from vlm_rlaif.synthetic.render import render
 from vlm_rlaif.synthetic.scene import Scene, sample_scene
@@ -95,14 +98,22 @@ def _judge_records(pending: list[tuple[str, list[str], str, str, str, list[str]]
     return records
 
 
-def _sft_video(cfg: WorldConfig, scene: Scene, images: list[str], rng: np.random.Generator, files: dict, pending: list) -> None:
+def _sft_video(cfg: WorldConfig, scene: Scene, images: list[str], rng: np.random.Generator,
+               writer: np.random.Generator, files: dict, pending: list) -> None:
+    """The SFT records of one video. `writer` draws the description writer's additions (its
+    own generator: the world's other texts are the same whatever `annotator_additions` is)."""
     vid = scene.video_id
     for i, qa in enumerate(short_questions(scene, rng, cfg.questions_per_video)):
         files["SFT_short.json"].append(sft_record(f"{vid}_short_{i}", qa.question, qa.answer, images))
     # Half the description requests are worded as the benchmark's open questions: a language
     # model from scratch answers a wording it never saw in training with a short answer.
     request = _describe_request(rng) if rng.random() < 0.5 else generic_question(rng)
-    files["SFT_long.json"].append(sft_record(f"{vid}_long", request, describe(scene).text(), images))
+    truth = describe(scene)
+    written = with_unseen_object(scene, truth, writer) if writer.random() < cfg.annotator_additions else truth
+    record = sft_record(f"{vid}_long", request, written.text(), images)
+    if written.text() != truth.text():  # the clip captions support only the truth
+        record[GROUNDED] = truth.text()
+    files["SFT_long.json"].append(record)
     captions = []
     for i, (start, end) in enumerate(clip_ranges(scene.num_frames, cfg.num_clips)):
         captions.append(describe(scene, (start, end)).text())
@@ -181,7 +192,8 @@ def _write_world(cfg: WorldConfig, out: Path, progress: bool, written: tuple[str
             images = [f"{folder}/{vid}/frame_{t:03d}.png" for t in range(cfg.num_frames)]
             rng = np.random.default_rng([cfg.seed, 1, index])
             if split == "sft":
-                _sft_video(cfg, scene, images, rng, files, pending)
+                writer = np.random.default_rng([cfg.seed, 3, index])
+                _sft_video(cfg, scene, images, rng, writer, files, pending)
             elif split == "rl":
                 _rl_video(scene, images, rng, files)
             else:
