@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
-from vlm_rlaif import sft, tiny
+from vlm_rlaif import data, sft, tiny
 from vlm_rlaif.collate import IGNORE_INDEX, VideoConversationCollator, turn_attention
 from vlm_rlaif.config import ConfigError, LoraConfig, SFTConfig, TinyModelConfig, load_params
 from vlm_rlaif.data import SFTRecord, Turn, read_sft
@@ -61,6 +61,11 @@ def test_hard_examples_are_asked_again_with_their_clip_captions_and_the_easy_ord
     assert question.startswith("<image>\n") and question.count("<image>") == 1 and question.endswith("\nq")
     assert question.index("clip 0 of v1") < question.index("clip 1 of v1") < question.index("clip 2 of v1")
     assert asked[1].conversations[1].value == "A red circle moves." and asked[1].images == hard[1].images
+    # a description that says more than its clip captions is answered, after them, as they support
+    hard[2] = dataclasses.replace(hard[2], extra={data.GROUNDED: "A red circle."})
+    grounded = sft.with_clip_captions(hard, captions)
+    assert grounded[2].conversations[1].value == "A red circle." and hard[2].conversations[1].value == "A red circle moves."
+    assert [r.conversations[1].value for r in grounded[:2]] == ["A red circle moves."] * 2
     plain = sft.build_curriculum(easy, hard, captions, [], SFTConfig(easy_epochs=3.0), seed=0)
     cfg = SFTConfig(easy_epochs=3.0, context_share=0.5)
     with_context = sft.build_curriculum(easy, hard, captions, [], cfg, seed=0)

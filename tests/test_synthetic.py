@@ -206,3 +206,24 @@ def test_prompt_files():
         prompts.load("nope")
     with pytest.raises(prompts.PromptError, match="variant 9"):
         prompts.describe_instruction(9)
+
+
+def test_the_description_writer_adds_an_unseen_object_to_the_share_asked_and_nothing_else(tmp_path):
+    cfg = WorldConfig(**{**TINY.__dict__, "num_sft_videos": 40, "annotator_additions": 0.5})
+    generate_world(cfg, tmp_path / "added")
+    generate_world(WorldConfig(**{**cfg.__dict__, "annotator_additions": 0.0}), tmp_path / "plain")
+    added, plain = tree(tmp_path / "added"), tree(tmp_path / "plain")
+    assert {k for k in added if added[k] != plain[k]} == {"SFT_long.json", "world.json"}
+    scenes = load(tmp_path / "added", "scenes.json")
+    written = load(tmp_path / "added", "SFT_long.json")
+    with_addition = [r for r in written if "grounded" in r]
+    assert 10 <= len(with_addition) <= 30
+    for record in written:
+        scene = Scene.from_dict(scenes[record["images"][0].split("/")[1]])
+        text, truth = record["conversations"][1]["value"], describe(scene).text()
+        assert record.get("grounded", text) == truth  # what the clip captions support: the truth
+        if "grounded" in record:  # one object more, counted: its facts and the count are wrong
+            score = score_description(scene, text)
+            extra = [f for f in score.hallucinated if f.startswith("extra ")]
+            assert len(extra) == 3 and len({f.rsplit(" ", 2)[0] for f in extra}) == 1
+            assert score.hallucinated == sorted([f"{len(scene.objects) + 1} objects", *extra])
