@@ -50,3 +50,15 @@ def test_the_saved_trainer_log_of_a_resumed_run_is_the_uninterrupted_ones():
     first = [{"loss": 1.0, "epoch": 0.5, "step": 1, "train_runtime": 3.2, "train_loss": 5.94}]
     resumed = [{"step": 1, "epoch": 0.5, "loss": 1.0, "train_samples_per_second": 9.0, "train_loss": 0.0}]
     assert repr(io.stable_log(first)) == repr(io.stable_log(resumed)) == "[{'epoch': 0.5, 'loss': 1.0, 'step': 1}]"
+
+
+def test_a_model_retrained_to_the_same_size_is_another_run(tmp_path):
+    model = tmp_path / "reward_model" / "adapter"
+    model.mkdir(parents=True)
+    (model / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "code.py").write_text("x = 1")
+    stamp = lambda: io.run_stamp([tmp_path / "code.py"], {"lr": 1e-3}, [], [model.parent])  # noqa: E731
+    first = stamp()
+    assert stamp() == first
+    (model / "adapter_model.safetensors").write_bytes(b"\x01" * 64)  # same name, same size
+    assert stamp() != first

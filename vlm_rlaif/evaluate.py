@@ -39,7 +39,6 @@ JUDGE_CACHE = "judge_cache.jsonl"
 PLOTS_FILE = Path("reports/plots/evaluate.json")  # per-model means, where `dvc plots show` finds them
 MODELS = ("base", "sft", "rlaif")  # trained here; evaluate.released adds models by name
 TARGET = "description_precision"  # the oracle's factual accuracy of detailed descriptions
-LARGE_FILE = 256 * 2**20  # model files above this size are fingerprinted by size, not content
 
 
 @dataclass(frozen=True)
@@ -94,9 +93,7 @@ def _fingerprint(run: Run, params: Params, prepared: Path, videos: Mapping[str, 
     decoding = {k: v for k, v in dataclasses.asdict(params.evaluate).items() if k not in grading}
     settings = {"seed": run.seed, "decoding": decoding, "num_frames": run.num_frames,
                 "videos": dict(videos)}
-    files = [p for p in sorted(run.folder.rglob("*")) if p.is_file()]
-    small = [p for p in files if p.stat().st_size <= LARGE_FILE]
-    return io.run_stamp(code, settings, [*sorted((prepared / "eval").glob("*.json")), *small], [run.folder])
+    return io.run_stamp(code, settings, sorted((prepared / "eval").glob("*.json")), [run.folder])
 
 
 def answer(run: Run, params: Params, sets: BenchmarkSets, prepared: Path, checkpoints: Path = CHECKPOINTS,

@@ -130,10 +130,14 @@ def stable_log(log_history: list[dict]) -> list[dict]:
     return [{k: entry[k] for k in sorted(entry) if not k.endswith(("_runtime", "_per_second")) and k != "train_loss"} for entry in log_history]
 
 
+STAMPED_BY_CONTENT = 256 * 2**20  # a model file above this size is stamped by its size alone
+
+
 def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], inputs: Iterable[str | os.PathLike], models: Iterable[str | os.PathLike] = ()) -> str:
     """A short hash of what a resumable run's results depend on: the source files that compute
     them, the settings, the content of the input files (a missing one hashes as absent), and
-    the files of each model folder it loads (by name and size: weights are too big to read)."""
+    the files of each model folder it loads: by content up to STAMPED_BY_CONTENT bytes (an
+    adapter retrained is the same size), larger weights by name and size."""
     h = hashlib.sha256()
     for path in code:
         h.update(Path(path).read_bytes())
@@ -141,8 +145,10 @@ def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], in
     for path in map(Path, inputs):
         h.update(path.name.encode() + (hashlib.md5(path.read_bytes()).digest() if path.is_file() else b"-"))
     for folder in map(Path, models):
-        for path in sorted(folder.iterdir()):
-            h.update(f"{path.name}:{path.stat().st_size}".encode())
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            size = path.stat().st_size
+            content = hashlib.md5(path.read_bytes()).hexdigest() if size <= STAMPED_BY_CONTENT else ""
+            h.update(f"{path.relative_to(folder)}:{size}:{content}".encode())
     return h.hexdigest()[:16]
 
 
