@@ -57,7 +57,10 @@ def test_a_model_retrained_to_the_same_size_is_another_run(tmp_path):
     model.mkdir(parents=True)
     (model / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     (tmp_path / "code.py").write_text("x = 1")
-    stamp = lambda: io.run_stamp([tmp_path / "code.py"], {"lr": 1e-3}, [], [model.parent])  # noqa: E731
+
+    def stamp() -> str:
+        return io.run_stamp([tmp_path / "code.py"], {"lr": 1e-3}, [], [model.parent])
+
     first = stamp()
     assert stamp() == first
     (model / "adapter_model.safetensors").write_bytes(b"\x01" * 64)  # same name, same size

@@ -64,7 +64,8 @@ def test_hard_examples_are_asked_again_with_their_clip_captions_and_the_easy_ord
     # a description that says more than its clip captions is answered, after them, as they support
     hard[2] = dataclasses.replace(hard[2], extra={data.GROUNDED: "A red circle."})
     grounded = sft.with_clip_captions(hard, captions)
-    assert grounded[2].conversations[1].value == "A red circle." and hard[2].conversations[1].value == "A red circle moves."
+    assert grounded[2].conversations[1].value == "A red circle."
+    assert hard[2].conversations[1].value == "A red circle moves."
     assert [r.conversations[1].value for r in grounded[:2]] == ["A red circle moves."] * 2
     plain = sft.build_curriculum(easy, hard, captions, [], SFTConfig(easy_epochs=3.0), seed=0)
     cfg = SFTConfig(easy_epochs=3.0, context_share=0.5)

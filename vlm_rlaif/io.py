@@ -147,7 +147,8 @@ def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], in
     for folder in map(Path, models):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             size = path.stat().st_size
-            content = hashlib.md5(path.read_bytes()).hexdigest() if size <= STAMPED_BY_CONTENT else ""
+            small = size <= STAMPED_BY_CONTENT
+            content = hashlib.md5(path.read_bytes()).hexdigest() if small else ""
             h.update(f"{path.relative_to(folder)}:{size}:{content}".encode())
     return h.hexdigest()[:16]
 

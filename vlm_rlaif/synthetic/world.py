@@ -109,7 +109,8 @@ def _sft_video(cfg: WorldConfig, scene: Scene, images: list[str], rng: np.random
     # model from scratch answers a wording it never saw in training with a short answer.
     request = _describe_request(rng) if rng.random() < 0.5 else generic_question(rng)
     truth = describe(scene)
-    written = with_unseen_object(scene, truth, writer) if writer.random() < cfg.annotator_additions else truth
+    adds = writer.random() < cfg.annotator_additions
+    written = with_unseen_object(scene, truth, writer) if adds else truth
     record = sft_record(f"{vid}_long", request, written.text(), images)
     if written.text() != truth.text():  # the clip captions support only the truth
         record[GROUNDED] = truth.text()
