@@ -147,8 +147,10 @@ def run_stamp(code: Iterable[str | os.PathLike], settings: Mapping[str, Any], in
     for folder in map(Path, models):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             size = path.stat().st_size
-            small = size <= STAMPED_BY_CONTENT
-            content = hashlib.md5(path.read_bytes()).hexdigest() if small else ""
+            content = ""
+            if size <= STAMPED_BY_CONTENT:
+                with path.open("rb") as f:  # streamed: an adapter need not sit in memory twice
+                    content = hashlib.file_digest(f, "md5").hexdigest()
             h.update(f"{path.relative_to(folder)}:{size}:{content}".encode())
     return h.hexdigest()[:16]
 

@@ -389,10 +389,11 @@ def corrupt(scene: Scene, desc: Description, k: int, rng: np.random.Generator, f
     return Corruption(out, ops, sorted(str(f) for f in desc.facts() ^ out.facts()))
 
 
-def with_unseen_object(scene: Scene, desc: Description, rng: np.random.Generator) -> Description:
-    """`desc` with one more object, told last and counted, that the video does not show: what a
-    writer adds who describes from a sparse annotation instead of the video."""
-    out, truth = copy.deepcopy(desc), describe(scene)
+def with_unseen_object(scene: Scene, truth: Description, rng: np.random.Generator) -> Description:
+    """The video's description (`truth`, from `describe`) with one more object, told last and
+    counted, that the video does not show: what a writer adds who describes from a sparse
+    annotation instead of the video."""
+    out = copy.deepcopy(truth)
     if "hallucinated_object" in _options(scene, truth, out):
         _apply(scene, truth, out, "hallucinated_object", len(out.objects), rng)
     return out
