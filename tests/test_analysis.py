@@ -78,7 +78,7 @@ def test_the_feedback_table_says_n_a_where_nothing_was_measured():
     table = analysis.feedback_table({"judges": {"context": judge}}, {"oracle": {"reward_model": {"accuracy": None, "pairs": 0},
                                                                                 "reward_correlation": None}})
     assert "| judge, context | n/a | 0 | n/a |  | 1.000 |" in table
-    assert table.endswith("correlation: n/a.")
+    assert table.endswith("correlation: n/a (within a prompt: n/a).")
     assert "| reward model (pairs it did not train on; kept: of held-out prompts) | n/a | 0 | n/a |" in table
 
 

@@ -274,6 +274,12 @@ def test_reward_quality_counts_against_the_oracle(built):
     assert good["heldout"]["ai"]["accuracy"] == good["heldout"]["oracle"]["accuracy"] == 1.0
     assert good["oracle"]["reward_model"] == {"accuracy": 1.0, "pairs": n - 1, "at_chance": True}  # few pairs
     assert good["oracle"]["reward_correlation"] > 0.5 and good["oracle"]["margin_correlation"] > 0.5
+    offsets = {uid: 10.0 * k for k, uid in enumerate(sorted({str(r["uid"]) for r in judged}))}
+    shifted = right + np.array([[offsets[str(r["uid"])]] * 2 for r in judged])  # per prompt
+    moved = rm.reward_quality(judged, shifted, split, scenes)["oracle"]
+    within = good["oracle"]["within_prompt_correlation"]
+    assert within > 0.5 and moved["within_prompt_correlation"] == pytest.approx(within)
+    assert moved["reward_correlation"] < good["oracle"]["reward_correlation"] - 0.2
     flipped = rm.reward_quality(judged, right[:, ::-1], split, scenes)
     assert flipped["oracle"]["reward_model"]["accuracy"] == 0.0 and flipped["unkept"]["judge"]["accuracy"] == 0.0
     assert flipped["oracle"]["judge"]["accuracy"] == 1.0  # the judge's own agreement does not depend on the rewards

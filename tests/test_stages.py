@@ -82,6 +82,19 @@ def test_base_builds_a_model_that_later_stages_load_by_path(project):
     assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
 
 
+def test_the_tokenizer_learns_what_the_video_supports_not_the_writers_addition(project):
+    prepare.run(load_params("params.yaml"))
+    grounded = records.read_sft(prepare.OUT / "sft_hard.json").records[0].answer()
+
+    def add_to_first(rows):
+        rows[0]["grounded"] = grounded
+        rows[0]["conversations"][-1]["value"] = grounded + " A zebra hums."
+
+    _edit_json(prepare.OUT / "sft_hard.json", add_to_first)
+    corpus = list(base.corpus(prepare.OUT))
+    assert grounded in corpus and not any("zebra" in text for text in corpus)
+
+
 def test_tiny_base_learns_to_read_colours_from_pixels(built):
     """The base normalises frames with the world's pixel statistics; with CLIP's constants
     every visual token comes out nearly parallel and this loss stays at chance (ln 4 / 3)."""

@@ -16,7 +16,9 @@ from vlm_rlaif.evaluation import PROMPT_KINDS
 from vlm_rlaif.synthetic.language import describe
 from vlm_rlaif.synthetic.oracle import score_description
 from vlm_rlaif.synthetic.render import render, shape_mask
-from vlm_rlaif.synthetic.scene import SIMILAR_COLOURS, Scene, SceneError, sample_scene
+from vlm_rlaif.synthetic.scene import (
+    COLOURS, SHAPES, SIMILAR_COLOURS, Scene, SceneError, sample_scene,
+)
 from vlm_rlaif.synthetic.world import generate_world
 
 TINY = WorldConfig(
@@ -227,3 +229,7 @@ def test_the_description_writer_adds_an_unseen_object_to_the_share_asked_and_not
             extra = [f for f in score.hallucinated if f.startswith("extra ")]
             assert len(extra) == 3 and len({f.rsplit(" ", 2)[0] for f in extra}) == 1
             assert score.hallucinated == sorted([f"{len(scene.objects) + 1} objects", *extra])
+            # the writer's stock object: the first colour and shape the scene lacks, still
+            colour = next(c for c in COLOURS if c not in scene.palette())
+            shape = next(s for s in SHAPES if s not in {o.shape for o in scene.objects})
+            assert f"extra {colour} {shape} motion still" in extra

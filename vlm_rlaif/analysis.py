@@ -175,7 +175,9 @@ def feedback_table(preferences: Mapping, reward_model: Mapping) -> str:
     header = ["feedback", "agreement with the oracle, all pairs", "pairs", "kept pairs", "pairs",
               "kept share"]
     correlation = _number(oracle["reward_correlation"])
-    return _table(header, rows) + f"\n\nChance is 0.5. Reward/oracle-score correlation: {correlation}."
+    within = _number(oracle.get("within_prompt_correlation"))
+    return _table(header, rows) + ("\n\nChance is 0.5. Reward/oracle-score correlation: "
+                                   f"{correlation} (within a prompt: {within}).")
 
 
 ABLATIONS = Path("reports/ablations")  # each a `dvc exp run`'s metrics, saved by `--save-ablation`

@@ -27,14 +27,18 @@ TRAINING_SETS = ("sft_easy.json", "sft_hard.json", "sft_captions.json", "sft_jud
 
 
 def corpus(prepared: Path) -> Iterator[str]:
-    """Every conversation turn of the prepared training sets, then every prompt file."""
+    """Every conversation turn of the prepared training sets, then every prompt file. An answer
+    the writer added to counts as what the video supports: the tokenizer learns the world's
+    language, not the writer's habit, so the model starts the same whatever the writer adds."""
     for name in TRAINING_SETS:
         path = prepared / name
         if not path.is_file():
             continue
         read = records.read_rl_prompts if name == "rl_prompts.json" else records.read_sft
         for record in read(path).records:
-            yield from (turn.value for turn in record.conversations)
+            grounded = record.extra.get(records.GROUNDED)
+            turns = [turn.value for turn in record.conversations]
+            yield from turns[:-1] + [grounded] if grounded else turns
     prompts = resources.files("vlm_rlaif.prompts")
     for item in sorted(prompts.iterdir(), key=lambda p: p.name):
         if item.name.endswith(".txt"):

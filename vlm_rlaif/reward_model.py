@@ -454,6 +454,16 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 else None
 
 
+def _centred(values: np.ndarray, groups: Sequence) -> np.ndarray:
+    """Each row's values less the mean of its group's: a reward learnt from pairs within a
+    prompt is defined only up to a constant per prompt."""
+    keys = np.asarray([str(g) for g in groups])
+    out = np.asarray(values, float).copy()
+    for key in set(keys):
+        out[keys == key] -= out[keys == key].mean()
+    return out.ravel()
+
+
 def reward_quality(judged: Sequence[Mapping], rewards: np.ndarray, split: Mapping[str, list], scenes: Mapping[str, Mapping] | None) -> dict:
     """How the reward model ranks pairs it did not train on. `judged` are the preferences
     stage's judged records (those with a verdict), `rewards` their [N, 2] rewards, `split`
@@ -488,6 +498,8 @@ def reward_quality(judged: Sequence[Mapping], rewards: np.ndarray, split: Mappin
             "judge": accuracy_against(ai, truth, unseen),
             "by_kind": {k: accuracy_against(winners, truth, [i for i in unseen if judged[i].get("type", "describe") == k]) for k in kinds},
             "reward_correlation": _pearson(rewards[unseen].ravel(), scores.ravel()),
+            "within_prompt_correlation": _pearson(*(_centred(x, [judged[i]["uid"] for i in unseen])
+                                                    for x in (rewards[unseen], scores))),
             "margin_correlation": _pearson(rewards[unseen, 0] - rewards[unseen, 1], scores[:, 0] - scores[:, 1]),
         }
     return quality

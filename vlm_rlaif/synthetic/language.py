@@ -389,13 +389,15 @@ def corrupt(scene: Scene, desc: Description, k: int, rng: np.random.Generator, f
     return Corruption(out, ops, sorted(str(f) for f in desc.facts() ^ out.facts()))
 
 
-def with_unseen_object(scene: Scene, truth: Description, rng: np.random.Generator) -> Description:
+def with_unseen_object(scene: Scene, truth: Description) -> Description:
     """The video's description (`truth`, from `describe`) with one more object, told last and
-    counted, that the video does not show: what a writer adds who describes from a sparse
-    annotation instead of the video."""
+    counted, that the video does not show: the writer's stock addition, the first colour and
+    shape the scene lacks, standing still, so the words alone predict it as a habit would."""
     out = copy.deepcopy(truth)
-    if "hallucinated_object" in _options(scene, truth, out):
-        _apply(scene, truth, out, "hallucinated_object", len(out.objects), rng)
+    colours, shapes = _spares(scene, out)
+    if colours and shapes:
+        out.objects.append(ObjectStatement(None, colours[0], shapes[0], "still"))
+        out.count += 1
     return out
 
 

@@ -100,8 +100,9 @@ def _judge_records(pending: list[tuple[str, list[str], str, str, str, list[str]]
 
 def _sft_video(cfg: WorldConfig, scene: Scene, images: list[str], rng: np.random.Generator,
                writer: np.random.Generator, files: dict, pending: list) -> None:
-    """The SFT records of one video. `writer` draws the description writer's additions (its
-    own generator: the world's other texts are the same whatever `annotator_additions` is)."""
+    """The SFT records of one video. `writer` draws which description gets the writer's
+    addition (its own generator: the world's other texts are the same whatever
+    `annotator_additions` is)."""
     vid = scene.video_id
     for i, qa in enumerate(short_questions(scene, rng, cfg.questions_per_video)):
         files["SFT_short.json"].append(sft_record(f"{vid}_short_{i}", qa.question, qa.answer, images))
@@ -110,7 +111,7 @@ def _sft_video(cfg: WorldConfig, scene: Scene, images: list[str], rng: np.random
     request = _describe_request(rng) if rng.random() < 0.5 else generic_question(rng)
     truth = describe(scene)
     adds = writer.random() < cfg.annotator_additions
-    written = with_unseen_object(scene, truth, writer) if adds else truth
+    written = with_unseen_object(scene, truth) if adds else truth
     record = sft_record(f"{vid}_long", request, written.text(), images)
     if written.text() != truth.text():  # the clip captions support only the truth
         record[GROUNDED] = truth.text()
